@@ -1,0 +1,224 @@
+"""What a model family is: its stages (names, tensors, dynamic dims) and its pipeline math.
+
+A family describes each stage once. Export reads `StageSpec` for input/output names and dynamic axes, the
+TensorRT-RTX builder reads `Family.profile()` for optimization profiles, the torch engine reads the dims to
+mark dynamic shapes, and the pipeline binds tensors by these names. Nothing about a stage's shapes is
+written anywhere else.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from ..loading import ModelSource
+
+Tensors = dict[str, torch.Tensor]
+
+# dtype names used in specs: "model" means the stage's compute dtype (fp32/fp16/bf16), the rest are fixed.
+FIXED_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output. `shape` holds ints (fixed) and strings (dynamic dim names)."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "model"
+
+    def torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.dtype == "model" else FIXED_DTYPES[self.dtype]
+
+    def concrete(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """Legal values of one dynamic dim: TensorRT's min/opt/max."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __contains__(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """The range of requests an engine or compiled graph must serve (pixels, images per call, text)."""
+
+    min_size: tuple[int, int] = (512, 512)  # (height, width)
+    opt_size: tuple[int, int] = (1024, 1024)
+    max_size: tuple[int, int] = (1024, 1024)
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 1
+
+    def __post_init__(self) -> None:
+        for i in range(2):
+            if not self.min_size[i] <= self.opt_size[i] <= self.max_size[i]:
+                raise ValueError(f"sizes must satisfy min <= opt <= max, got {self}")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"batches must satisfy 1 <= min <= opt <= max, got {self}")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a pipeline: the diffusers component it runs and its named tensors.
+
+    `forward(module, inputs)` calls the diffusers module with the named inputs exactly as diffusers'
+    pipelines do and returns the named outputs. Export wraps the same function, so the ONNX graph and the
+    torch engine compute the same thing.
+    """
+
+    name: str
+    component: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    forward: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], Tensors] = field(repr=False, compare=False)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def dim_names(self) -> list[str]:
+        names: list[str] = []
+        for t in (*self.inputs, *self.outputs):
+            for d in t.shape:
+                if isinstance(d, str) and d not in names:
+                    names.append(d)
+        return names
+
+    def shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        """Concrete shape of every input for the given dynamic-dim values."""
+        return {t.name: t.concrete(dims) for t in self.inputs}
+
+    def profile(self, ranges: Mapping[str, DimRange]) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """min/opt/max shape per input, for a TensorRT optimization profile."""
+        out = {}
+        for t in self.inputs:
+            out[t.name] = tuple(
+                t.concrete({k: getattr(r, which) for k, r in ranges.items()}) for which in ("min", "opt", "max")
+            )
+        return out
+
+    def example_inputs(
+        self,
+        dims: Mapping[str, int],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+        int_high: int = 100,
+    ) -> Tensors:
+        """Random inputs of the right names, shapes and dtypes (for export, builds and tests)."""
+        out: Tensors = {}
+        for t in self.inputs:
+            shape = t.concrete(dims)
+            tdtype = t.torch_dtype(dtype)
+            if tdtype.is_floating_point:
+                out[t.name] = torch.randn(shape, generator=generator).to(device=device, dtype=tdtype)
+            else:
+                out[t.name] = torch.randint(0, int_high, shape, generator=generator).to(device=device, dtype=tdtype)
+        return out
+
+
+class Family(ABC):
+    """A model family: its stages plus the math diffusers' own pipeline does around them.
+
+    Subclasses are built from a `ModelSource` (configs, tokenizers, scheduler; no weights) and describe:
+    how prompts become conditioning tensors, how initial latents are drawn, how the denoiser is called each
+    step, and how latents become images. The `Pipeline` calls these in order.
+    """
+
+    name: ClassVar[str]
+    pipeline_classes: ClassVar[tuple[str, ...]]
+    denoiser: ClassVar[str]  # stage name of the denoiser
+
+    def __init__(self, source: ModelSource) -> None:
+        self.source = source
+        self.stages: dict[str, StageSpec] = self._build_stages()
+
+    # ---- shapes -----------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def granularity(self) -> int:
+        """Height and width must be multiples of this (pixels)."""
+
+    @property
+    def default_size(self) -> int:
+        vae = self.source.configs["vae"]
+        return int(vae.get("sample_size", 512))
+
+    @abstractmethod
+    def _build_stages(self) -> dict[str, StageSpec]: ...
+
+    @abstractmethod
+    def dims(self, height: int, width: int, batch: int) -> dict[str, int]:
+        """Dynamic-dim values of every stage for one request (batch = images per call)."""
+
+    @abstractmethod
+    def dim_ranges(self, shape_range: ShapeRange) -> dict[str, DimRange]:
+        """Ranges of every dynamic dim for a requested range."""
+
+    def profile(self, stage: str, shape_range: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
+        return self.stages[stage].profile(self.dim_ranges(shape_range))
+
+    # ---- pipeline math (implemented per family) -----------------------------------------------------------
+    @abstractmethod
+    def encode_prompt(
+        self,
+        run: Callable[[str, Tensors], Tensors],
+        prompts: list[str],
+        negative_prompts: list[str] | None,
+        guidance_scale: float,
+        num_images_per_prompt: int,
+        **kwargs: Any,
+    ) -> Tensors:
+        """Text conditioning for the denoiser, named as the denoiser's inputs, already repeated per image."""
+
+    @abstractmethod
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """Shape of the initial noise, drawn as diffusers draws it (before any packing)."""
+
+    @abstractmethod
+    def pack_latents(self, noise: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Initial noise -> the latents the denoiser sees."""
+
+    @abstractmethod
+    def schedule_kwargs(self, height: int, width: int) -> dict[str, Any]:
+        """Extra arguments to the scheduler's `set_timesteps` (FLUX: sigmas and mu)."""
+
+    @abstractmethod
+    def denoiser_inputs(
+        self, latents: torch.Tensor, timestep: torch.Tensor, cond: Tensors, guidance_scale: float
+    ) -> Tensors:
+        """Inputs of the denoiser stage for one step."""
+
+    @abstractmethod
+    def guide(self, output: torch.Tensor, guidance_scale: float, cond: Tensors) -> torch.Tensor:
+        """Denoiser output -> the model output the scheduler sees (classifier-free guidance where used)."""
+
+    @abstractmethod
+    def timestep_values(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Scheduler timesteps -> the value the denoiser is given, rounded as diffusers rounds it."""
+
+    @abstractmethod
+    def decoder_input(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Final latents -> the VAE decoder's `latent` input (unpacked, unscaled)."""
