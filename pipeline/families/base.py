@@ -202,17 +202,21 @@ class Family(ABC):
         """Initial noise -> the latents the denoiser sees."""
 
     @abstractmethod
-    def schedule_kwargs(self, height: int, width: int) -> dict[str, Any]:
+    def schedule_kwargs(self, height: int, width: int, num_inference_steps: int) -> dict[str, Any]:
         """Extra arguments to the scheduler's `set_timesteps` (FLUX: sigmas and mu)."""
 
     @abstractmethod
-    def denoiser_inputs(
-        self, latents: torch.Tensor, timestep: torch.Tensor, cond: Tensors, guidance_scale: float
+    def denoiser_conditioning(
+        self, text: Tensors, height: int, width: int, batch: int, guidance_scale: float
     ) -> Tensors:
-        """Inputs of the denoiser stage for one step."""
+        """Every denoiser input that stays the same through the loop (text, ids, guidance)."""
 
     @abstractmethod
-    def guide(self, output: torch.Tensor, guidance_scale: float, cond: Tensors) -> torch.Tensor:
+    def denoiser_inputs(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Tensors) -> Tensors:
+        """Inputs of the denoiser stage for one step; no host sync, no data-dependent branching."""
+
+    @abstractmethod
+    def guide(self, output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         """Denoiser output -> the model output the scheduler sees (classifier-free guidance where used)."""
 
     @abstractmethod

@@ -1,0 +1,170 @@
+"""Stable Diffusion 1.x / 2.x: CLIP text encoder, UNet2DConditionModel, 4-channel VAE.
+
+The math follows diffusers' StableDiffusionPipeline: CLIP last hidden state as conditioning, classifier-free
+guidance when guidance_scale > 1 (negative prompt or "" as the unconditional half, batched [uncond, cond]),
+epsilon or v-prediction as the scheduler config says, latents / scaling_factor before the VAE decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInputError
+from .base import DimRange, Family, ShapeRange, StageSpec, Tensors, TensorSpec
+from .text import tokenize
+
+
+def _clip(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
+    return {"last_hidden_state": module(x["input_ids"])[0]}
+
+
+def _unet(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
+    out = module(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"], return_dict=False)
+    return {"sample": out[0]}
+
+
+def _vae_decode(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
+    return {"sample": module.decode(x["latent"], return_dict=False)[0]}
+
+
+class StableDiffusionFamily(Family):
+    name = "sd"
+    pipeline_classes = ("StableDiffusionPipeline",)
+    denoiser = "unet"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.source.configs["vae"]["block_out_channels"]) - 1)
+
+    @property
+    def granularity(self) -> int:
+        return self.vae_scale_factor
+
+    @property
+    def default_size(self) -> int:
+        return int(self.source.configs["unet"]["sample_size"]) * self.vae_scale_factor
+
+    @property
+    def text_length(self) -> int:
+        return int(self.source.configs["text_encoder"]["max_position_embeddings"])
+
+    def _build_stages(self) -> dict[str, StageSpec]:
+        cfg = self.source.configs
+        unet = cfg["unet"]
+        vae = cfg["vae"]
+        hidden = cfg["text_encoder"]["hidden_size"]
+        return {
+            "text_encoder": StageSpec(
+                "text_encoder",
+                "text_encoder",
+                (TensorSpec("input_ids", ("batch", self.text_length), "int64"),),
+                (TensorSpec("last_hidden_state", ("batch", self.text_length, hidden)),),
+                _clip,
+            ),
+            "unet": StageSpec(
+                "unet",
+                "unet",
+                (
+                    TensorSpec("sample", ("unet_batch", unet["in_channels"], "latent_height", "latent_width")),
+                    TensorSpec("timestep", ("unet_batch",)),
+                    TensorSpec("encoder_hidden_states", ("unet_batch", self.text_length, unet["cross_attention_dim"])),
+                ),
+                (TensorSpec("sample", ("unet_batch", unet["out_channels"], "latent_height", "latent_width")),),
+                _unet,
+            ),
+            "vae_decoder": StageSpec(
+                "vae_decoder",
+                "vae",
+                (TensorSpec("latent", ("batch", vae["latent_channels"], "latent_height", "latent_width")),),
+                (TensorSpec("sample", ("batch", vae.get("out_channels", 3), "image_height", "image_width")),),
+                _vae_decode,
+            ),
+        }
+
+    # ---- shapes -----------------------------------------------------------------------------------------
+    def dims(self, height: int, width: int, batch: int, cfg: bool = True) -> dict[str, int]:
+        f = self.vae_scale_factor
+        return {
+            "batch": batch,
+            "unet_batch": 2 * batch if cfg else batch,
+            "latent_height": height // f,
+            "latent_width": width // f,
+            "image_height": height,
+            "image_width": width,
+        }
+
+    def dim_ranges(self, shape_range: ShapeRange) -> dict[str, DimRange]:
+        lo, opt, hi = (self.dims(*s, 1) for s in (shape_range.min_size, shape_range.opt_size, shape_range.max_size))
+        ranges = {k: DimRange(lo[k], opt[k], hi[k]) for k in lo}
+        ranges["batch"] = DimRange(shape_range.min_batch, shape_range.opt_batch, shape_range.max_batch)
+        # without guidance the UNet sees the batch once, with it twice
+        ranges["unet_batch"] = DimRange(shape_range.min_batch, 2 * shape_range.opt_batch, 2 * shape_range.max_batch)
+        return ranges
+
+    # ---- pipeline math ----------------------------------------------------------------------------------
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        return guidance_scale > 1.0 and self.source.configs["unet"].get("time_cond_proj_dim") is None
+
+    def encode_prompt(
+        self,
+        run: Callable[[str, Tensors], Tensors],
+        prompts: list[str],
+        negative_prompts: list[str] | None,
+        guidance_scale: float,
+        num_images_per_prompt: int,
+        **kwargs: Any,
+    ) -> Tensors:
+        tokenizer = self.source.tokenizer("tokenizer")
+        length = tokenizer.model_max_length
+        n = num_images_per_prompt
+        embeds = run("text_encoder", {"input_ids": tokenize(tokenizer, prompts, length)})["last_hidden_state"]
+        text = {"encoder_hidden_states": embeds.repeat_interleave(n, dim=0)}
+        if self.uses_cfg(guidance_scale):
+            negatives = negative_prompts if negative_prompts is not None else [""] * len(prompts)
+            if len(negatives) != len(prompts):
+                raise InvalidInputError(
+                    f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt"
+                )
+            ids = tokenize(tokenizer, negatives, embeds.shape[1])
+            uncond = run("text_encoder", {"input_ids": ids})["last_hidden_state"]
+            text["negative_encoder_hidden_states"] = uncond.repeat_interleave(n, dim=0)
+        return text
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        f = self.vae_scale_factor
+        return (batch, self.source.configs["unet"]["in_channels"], height // f, width // f)
+
+    def pack_latents(self, noise: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return noise
+
+    def schedule_kwargs(self, height: int, width: int, num_inference_steps: int) -> dict[str, Any]:
+        return {}
+
+    def denoiser_conditioning(
+        self, text: Tensors, height: int, width: int, batch: int, guidance_scale: float
+    ) -> Tensors:
+        embeds = text["encoder_hidden_states"]
+        if "negative_encoder_hidden_states" in text:
+            embeds = torch.cat([text["negative_encoder_hidden_states"], embeds])
+        return {"encoder_hidden_states": embeds}
+
+    def denoiser_inputs(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Tensors) -> Tensors:
+        embeds = cond["encoder_hidden_states"]
+        if embeds.shape[0] != latents.shape[0]:  # classifier-free guidance: [uncond, cond]
+            latents = torch.cat([latents, latents])
+        return {"sample": latents, "timestep": timestep.expand(latents.shape[0]), "encoder_hidden_states": embeds}
+
+    def guide(self, output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        if not self.uses_cfg(guidance_scale):
+            return output
+        uncond, cond = output.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def timestep_values(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return timesteps.to(torch.float32)
+
+    def decoder_input(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return latents / self.source.configs["vae"]["scaling_factor"]
