@@ -69,7 +69,7 @@ class StableDiffusionFamily(Family):
                 "unet",
                 (
                     TensorSpec("sample", ("unet_batch", unet["in_channels"], "latent_height", "latent_width")),
-                    TensorSpec("timestep", ("unet_batch",)),
+                    TensorSpec("timestep", ("unet_batch",), "float32"),
                     TensorSpec("encoder_hidden_states", ("unet_batch", self.text_length, unet["cross_attention_dim"])),
                 ),
                 (TensorSpec("sample", ("unet_batch", unet["out_channels"], "latent_height", "latent_width")),),

@@ -1,0 +1,30 @@
+"""FLUX.1 and Stable Diffusion text-to-image through adaptive inference engines."""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import (
+    BackendUnavailableError,
+    InvalidInputError,
+    ModelNotFoundError,
+    OutOfProfileError,
+    OutputError,
+    PipelineError,
+    UnsupportedModelError,
+)
+from .pipeline import Pipeline, PipelineOutput
+
+logging.getLogger("pipeline").addHandler(logging.NullHandler())
+
+__all__ = [
+    "BackendUnavailableError",
+    "InvalidInputError",
+    "ModelNotFoundError",
+    "OutOfProfileError",
+    "OutputError",
+    "Pipeline",
+    "PipelineError",
+    "PipelineOutput",
+    "UnsupportedModelError",
+]
