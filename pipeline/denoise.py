@@ -56,7 +56,11 @@ class DenoiseState:
 
 
 def make_step(
-    family: Family, denoiser: Callable[..., Tensors], state: DenoiseState, guidance_scale: float, dtype: torch.dtype
+    family: Family,
+    denoiser: Callable[..., Tensors],
+    state: DenoiseState,
+    guidance_scale: float,
+    dtype: torch.dtype,
 ) -> Callable[[], None]:
     """One denoising step over `state`'s buffers; advances `state.index`."""
 

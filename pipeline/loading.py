@@ -110,9 +110,7 @@ def read_model(path: Path, model_id: str | None = None) -> ModelSource:
     """Read a local diffusers-format folder (no weights)."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
-        raise UnsupportedModelError(
-            f"{path} is not a diffusers model folder: it has no model_index.json"
-        )
+        raise UnsupportedModelError(f"{path} is not a diffusers model folder: it has no model_index.json")
     model_index = _read_json(index_file)
     source = ModelSource(path=path, model_id=model_id or str(path), model_index=model_index)
     for component, value in model_index.items():
@@ -161,7 +159,9 @@ def _download(repo_id: str, *, local_files_only: bool) -> Path:
     )
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=local_files_only))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=local_files_only)
+        )
     except GatedRepoError as e:
         raise ModelNotFoundError(
             f"{repo_id} is gated on the Hugging Face hub: accept its license there and log in "

@@ -68,7 +68,9 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     except RuntimeError as e:
         raise InvalidInputError(f"unknown device {device!r} ({e})") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError("device cuda was asked for, but no CUDA GPU is available here; use --device cpu")
+        raise InvalidInputError(
+            "device cuda was asked for, but no CUDA GPU is available here; use --device cpu"
+        )
     return dev
 
 
@@ -106,9 +108,17 @@ class Pipeline:
         dev = parse_device(device)
         torch_dtype = parse_dtype(dtype, dev, family)
         name = choose_backend(backend, dev)
-        engine_backend = create_backend(name, family, dev, torch_dtype, cache_dir=cache_dir, **backend_options)
-        logger.info("%s (%s) on %s, %s, backend %s", source.model_id, family.name, dev, torch_dtype,
-                    engine_backend.describe())
+        engine_backend = create_backend(
+            name, family, dev, torch_dtype, cache_dir=cache_dir, **backend_options
+        )
+        logger.info(
+            "%s (%s) on %s, %s, backend %s",
+            source.model_id,
+            family.name,
+            dev,
+            torch_dtype,
+            engine_backend.describe(),
+        )
         return cls(source, family, engine_backend)
 
     # ---- the call ---------------------------------------------------------------------------------------
@@ -144,7 +154,11 @@ class Pipeline:
 
         # 1. encode the prompt
         text = family.encode_prompt(
-            self._run_stage, prompts, negatives, guidance, num_images_per_prompt,
+            self._run_stage,
+            prompts,
+            negatives,
+            guidance,
+            num_images_per_prompt,
             max_sequence_length=max_sequence_length,
         )
         clock = self._lap(timings, "text_encoders", clock)
@@ -152,20 +166,28 @@ class Pipeline:
         # 2. initial noise, drawn as diffusers draws it
         from diffusers.utils.torch_utils import randn_tensor
 
-        noise = randn_tensor(family.latent_shape(batch, height, width), generator=generator,
-                             device=self.device, dtype=self.dtype)
+        noise = randn_tensor(
+            family.latent_shape(batch, height, width),
+            generator=generator,
+            device=self.device,
+            dtype=self.dtype,
+        )
         x0 = family.pack_latents(noise, height, width)
 
         # 3. the schedule as coefficient tables (schedule.py), then the loop over static buffers
         schedule = plan_schedule(
-            self.source.scheduler, steps, begin_index=family.name == "flux",
+            self.source.scheduler,
+            steps,
+            begin_index=family.name == "flux",
             **family.schedule_kwargs(height, width, steps),
         )
         cond = family.denoiser_conditioning(text, height, width, batch, guidance)
         state = DenoiseState.create(family, schedule, x0, cond, self.dtype)
-        step = make_step(family, self.backend.engines[family.denoiser], state, guidance, self.dtype)
-        for _ in tqdm(range(state.num_steps), desc="denoising", disable=not self.progress, leave=False):
-            step()
+        denoiser = self.backend.engines[family.denoiser]
+        with tqdm(total=state.num_steps, desc="denoising", disable=not self.progress, leave=False) as bar:
+            state = self.backend.denoise(
+                state, lambda s: make_step(family, denoiser, s, guidance, self.dtype), bar.update
+            )
         latents = final_latents(state, self.dtype)
         clock = self._lap(timings, "denoise", clock)
 
@@ -213,7 +235,9 @@ class Pipeline:
             raise InvalidInputError("prompt must be a string or a non-empty list of strings")
         if negative_prompt is None:
             return prompts, None
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        )
         if len(negatives) != len(prompts):
             raise InvalidInputError(
                 f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt"
@@ -232,7 +256,9 @@ class Pipeline:
         if not isinstance(per_prompt, int) or per_prompt < 1:
             raise InvalidInputError(f"num_images_per_prompt must be at least 1, got {per_prompt}")
         if output_type not in OUTPUT_TYPES:
-            raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+            raise InvalidInputError(
+                f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
+            )
 
     # ---- lifetime ---------------------------------------------------------------------------------------
     def close(self) -> None:

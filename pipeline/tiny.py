@@ -51,12 +51,16 @@ def _write_clip_tokenizer(folder: Path) -> int:
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     try:  # transformers >= 5 takes the vocabulary and merges as values
-        tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=CLIP_LENGTH)
+        tok = CLIPTokenizer(
+            vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=CLIP_LENGTH
+        )
     except TypeError:  # transformers 4 reads them from files
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
             (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-            tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=CLIP_LENGTH)
+            tok = CLIPTokenizer(
+                str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=CLIP_LENGTH
+            )
     tok.save_pretrained(folder)
     return len(vocab)
 

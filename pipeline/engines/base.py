@@ -6,16 +6,20 @@ whatever persists across processes (compile cache, runtime cache); `close()` sav
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from enum import Enum
-from typing import Protocol
+from abc import ABC
+from collections.abc import Callable
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..families import Family, StageSpec
 
+if TYPE_CHECKING:
+    from ..denoise import DenoiseState
 
-class Specialization(str, Enum):
+
+class Specialization(StrEnum):
     """When shape-specialized kernels come in for a shape not seen before."""
 
     LAZY = "lazy"  # serve at once with generic kernels, swap in specialized ones when ready
@@ -23,7 +27,7 @@ class Specialization(str, Enum):
     NONE = "none"  # generic kernels only
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     BF16 = "bf16"
     FP16 = "fp16"
     FP32 = "fp32"
@@ -56,6 +60,23 @@ class Backend(ABC):
     def describe(self) -> str:
         """One line for logs and PNG metadata."""
         return self.name
+
+    def denoise(
+        self,
+        state: DenoiseState,
+        make_step: Callable[[DenoiseState], Callable[[], None]],
+        on_step: Callable[[], None],
+    ) -> DenoiseState:
+        """Run every step of the loop over `state`; return the state holding the final history.
+
+        The default runs the step eagerly. A backend may instead capture `make_step(static_state)` in a CUDA
+        graph once per shape and replay it, copying `state`'s values into its static buffers first.
+        """
+        step = make_step(state)
+        for _ in range(state.num_steps):
+            step()
+            on_step()
+        return state
 
     def close(self) -> None:
         """Persist what this backend compiled (runtime / compile cache). Safe to call twice."""

@@ -87,7 +87,9 @@ class StageSpec:
     component: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    forward: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], Tensors] = field(repr=False, compare=False)
+    forward: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], Tensors] = field(
+        repr=False, compare=False
+    )
 
     @property
     def input_names(self) -> list[str]:
@@ -115,7 +117,8 @@ class StageSpec:
         out = {}
         for t in self.inputs:
             out[t.name] = tuple(
-                t.concrete({k: getattr(r, which) for k, r in ranges.items()}) for which in ("min", "opt", "max")
+                t.concrete({k: getattr(r, which) for k, r in ranges.items()})
+                for which in ("min", "opt", "max")
             )
         return out
 
@@ -135,7 +138,9 @@ class StageSpec:
             if tdtype.is_floating_point:
                 out[t.name] = torch.randn(shape, generator=generator).to(device=device, dtype=tdtype)
             else:
-                out[t.name] = torch.randint(0, int_high, shape, generator=generator).to(device=device, dtype=tdtype)
+                out[t.name] = torch.randint(0, int_high, shape, generator=generator).to(
+                    device=device, dtype=tdtype
+                )
         return out
 
 

@@ -101,7 +101,11 @@ class FluxFamily(Family):
                 "text_encoder_2",
                 "text_encoder_2",
                 (TensorSpec("input_ids", ("batch", "text_tokens"), "int64"),),
-                (TensorSpec("last_hidden_state", ("batch", "text_tokens", cfg["text_encoder_2"]["d_model"])),),
+                (
+                    TensorSpec(
+                        "last_hidden_state", ("batch", "text_tokens", cfg["text_encoder_2"]["d_model"])
+                    ),
+                ),
                 _t5,
             ),
             "transformer": StageSpec(
@@ -133,10 +137,12 @@ class FluxFamily(Family):
             "image_width": width,
         }
 
-    def dim_ranges(self, shape_range: ShapeRange, text_tokens: tuple[int, int, int] = (256, 512, 512)) -> dict[
-        str, DimRange
-    ]:
-        lo, opt, hi = (self.dims(*s, 1) for s in (shape_range.min_size, shape_range.opt_size, shape_range.max_size))
+    def dim_ranges(
+        self, shape_range: ShapeRange, text_tokens: tuple[int, int, int] = (256, 512, 512)
+    ) -> dict[str, DimRange]:
+        lo, opt, hi = (
+            self.dims(*s, 1) for s in (shape_range.min_size, shape_range.opt_size, shape_range.max_size)
+        )
         ranges = {k: DimRange(lo[k], opt[k], hi[k]) for k in lo}
         ranges["batch"] = DimRange(shape_range.min_batch, shape_range.opt_batch, shape_range.max_batch)
         ranges["text_tokens"] = DimRange(*text_tokens)

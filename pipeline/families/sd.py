@@ -22,7 +22,9 @@ def _clip(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
 
 
 def _unet(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
-    out = module(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"], return_dict=False)
+    out = module(
+        x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"], return_dict=False
+    )
     return {"sample": out[0]}
 
 
@@ -68,11 +70,19 @@ class StableDiffusionFamily(Family):
                 "unet",
                 "unet",
                 (
-                    TensorSpec("sample", ("unet_batch", unet["in_channels"], "latent_height", "latent_width")),
+                    TensorSpec(
+                        "sample", ("unet_batch", unet["in_channels"], "latent_height", "latent_width")
+                    ),
                     TensorSpec("timestep", ("unet_batch",), "float32"),
-                    TensorSpec("encoder_hidden_states", ("unet_batch", self.text_length, unet["cross_attention_dim"])),
+                    TensorSpec(
+                        "encoder_hidden_states", ("unet_batch", self.text_length, unet["cross_attention_dim"])
+                    ),
                 ),
-                (TensorSpec("sample", ("unet_batch", unet["out_channels"], "latent_height", "latent_width")),),
+                (
+                    TensorSpec(
+                        "sample", ("unet_batch", unet["out_channels"], "latent_height", "latent_width")
+                    ),
+                ),
                 _unet,
             ),
             "vae_decoder": StageSpec(
@@ -97,11 +107,15 @@ class StableDiffusionFamily(Family):
         }
 
     def dim_ranges(self, shape_range: ShapeRange) -> dict[str, DimRange]:
-        lo, opt, hi = (self.dims(*s, 1) for s in (shape_range.min_size, shape_range.opt_size, shape_range.max_size))
+        lo, opt, hi = (
+            self.dims(*s, 1) for s in (shape_range.min_size, shape_range.opt_size, shape_range.max_size)
+        )
         ranges = {k: DimRange(lo[k], opt[k], hi[k]) for k in lo}
         ranges["batch"] = DimRange(shape_range.min_batch, shape_range.opt_batch, shape_range.max_batch)
         # without guidance the UNet sees the batch once, with it twice
-        ranges["unet_batch"] = DimRange(shape_range.min_batch, 2 * shape_range.opt_batch, 2 * shape_range.max_batch)
+        ranges["unet_batch"] = DimRange(
+            shape_range.min_batch, 2 * shape_range.opt_batch, 2 * shape_range.max_batch
+        )
         return ranges
 
     # ---- pipeline math ----------------------------------------------------------------------------------
@@ -155,7 +169,11 @@ class StableDiffusionFamily(Family):
         embeds = cond["encoder_hidden_states"]
         if embeds.shape[0] != latents.shape[0]:  # classifier-free guidance: [uncond, cond]
             latents = torch.cat([latents, latents])
-        return {"sample": latents, "timestep": timestep.expand(latents.shape[0]), "encoder_hidden_states": embeds}
+        return {
+            "sample": latents,
+            "timestep": timestep.expand(latents.shape[0]),
+            "encoder_hidden_states": embeds,
+        }
 
     def guide(self, output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
         if not self.uses_cfg(guidance_scale):
