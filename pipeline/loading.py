@@ -37,6 +37,13 @@ class ModelSource:
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
+    def random_weights(self) -> bool:
+        """A config-only folder (pipeline.architectures): modules are built with random weights."""
+        from .architectures import RANDOM_WEIGHTS_MARKER
+
+        return (self.path / RANDOM_WEIGHTS_MARKER).is_file()
+
+    @property
     def pipeline_class(self) -> str:
         return str(self.model_index.get("_class_name", ""))
 
@@ -66,6 +73,11 @@ class ModelSource:
         import transformers
 
         library, cls = self.component_class(component)
+        if self.random_weights:
+            from .architectures import build_random
+
+            logger.info("building %s (%s) from its config with random weights", component, cls)
+            return build_random(library, cls, self.path / component, dtype, device)
         lib = diffusers if library == "diffusers" else transformers
         module_cls = getattr(lib, cls)
         logger.debug("loading %s (%s.%s) as %s", component, library, cls, dtype)
@@ -127,25 +139,29 @@ def resolve_model(
     model: str | Path, *, cache_dir: Path | None = None, local_files_only: bool = False
 ) -> ModelSource:
     """A local folder, a built-in tiny model name, or a Hugging Face hub id -> ModelSource."""
+    from .architectures import ARCHITECTURES, make_architecture
     from .cache import cache_root
 
     path = Path(model).expanduser()
     if path.is_dir():
         return read_model(path.resolve())
     name = str(model)
-    if name in TINY_MODELS:
-        from .tiny import make_tiny_model
-
+    if name in TINY_MODELS or name in ARCHITECTURES:
         folder = cache_root(cache_dir) / "models" / name
         if not (folder / "model_index.json").is_file():
             logger.info("creating built-in random-weight model %s in %s", name, folder)
-            make_tiny_model(name, folder)
+            if name in TINY_MODELS:
+                from .tiny import make_tiny_model
+
+                make_tiny_model(name, folder)
+            else:
+                make_architecture(name, folder)
         return read_model(folder, model_id=name)
     if path.exists():
         raise ModelNotFoundError(f"model path {path} is not a folder")
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise ModelNotFoundError(
-            f"model {name!r} is neither a folder nor a Hugging Face hub id (org/name), nor one of {TINY_MODELS}"
+            f"model {name!r} is neither a folder nor a Hugging Face hub id (org/name), nor a built-in ({', '.join((*TINY_MODELS, *ARCHITECTURES))})"
         )
     return read_model(_download(name, local_files_only=local_files_only), model_id=name)
 
