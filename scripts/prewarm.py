@@ -1,0 +1,148 @@
+"""Make a prewarmed runtime / compile cache to ship with the app (see caches/README.md).
+
+    python scripts/prewarm.py MODEL --sizes 512x512,1024x1024 [--batch 1,2] [--backend auto|rtx|torch]
+                              [--steps N] [--device cuda] [--dtype float16] --out caches/
+
+Runs every (batch, size) through the pipeline with a fresh cache folder, closes the pipeline (which saves
+its cache), copies the cache to OUT/<model-key>/<platform-key>/runtime.cache and adds its entry to
+OUT/manifest.json. Sizes are WIDTHxHEIGHT. Needs the package importable (`pip install -e .`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from pipeline import Pipeline, PipelineError
+from pipeline.cache import (
+    SHIPPED_FILE,
+    ShippedCache,
+    atomic_write_bytes,
+    blob_problem,
+    file_lock,
+    platform_info,
+    sha256_file,
+    tool_versions,
+    update_manifest,
+)
+
+logger = logging.getLogger("prewarm")
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'512x512,1024x768' -> [(512, 512), (1024, 768)] as (width, height)."""
+    sizes = []
+    for item in text.split(","):
+        try:
+            width, height = (int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"size {item!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
+        sizes.append((width, height))
+    return sizes
+
+
+def parse_ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a diffusers folder, a hub id, or tiny-sd / tiny-flux")
+    p.add_argument("--sizes", type=parse_sizes, required=True, help="WIDTHxHEIGHT,... to cover")
+    p.add_argument("--batch", type=parse_ints, default=[1], help="images per prompt to cover (default 1)")
+    p.add_argument("--backend", default="auto", choices=["auto", "rtx", "torch"])
+    p.add_argument("--steps", type=int, default=2, help="denoising steps per run (shapes, not steps, matter)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--prompt", default="a lighthouse on a cliff at dawn")
+    p.add_argument("--out", type=Path, default=Path("caches"), help="shipped caches folder (default caches/)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def prewarm(args: argparse.Namespace) -> ShippedCache:
+    with tempfile.TemporaryDirectory(prefix="prewarm-") as tmp:
+        pipe = Pipeline.from_pretrained(
+            args.model, backend=args.backend, device=args.device, dtype=args.dtype, cache_dir=tmp
+        )
+        pipe.progress = False
+        shapes = []
+        with pipe:
+            for batch in args.batch:
+                for width, height in args.sizes:
+                    start = time.perf_counter()
+                    pipe(
+                        args.prompt,
+                        height=height,
+                        width=width,
+                        num_inference_steps=args.steps,
+                        num_images_per_prompt=batch,
+                        output_type="np",
+                    )
+                    logger.info("batch %d, %dx%d: %.1f s", batch, width, height, time.perf_counter() - start)
+                    shapes.append({"batch": batch, "height": height, "width": width})
+        # leaving `with` closed the pipeline, which saved its cache
+        cache = pipe.model_cache
+        source = cache.runtime_cache_path
+        problem = blob_problem(source, cache.platform_key)
+        if problem:
+            raise PipelineError(f"the pipeline left no usable cache at {source} ({problem})")
+        backend = cache.platform_key.split("-", 1)[0]
+        info = platform_info(backend, pipe.device)
+        if info.key != cache.platform_key:
+            raise PipelineError(f"platform key {info.key} differs from the pipeline's {cache.platform_key}")
+
+        target = args.out / cache.model_key / cache.platform_key / SHIPPED_FILE
+        with file_lock(target):
+            atomic_write_bytes(target, source.read_bytes())
+    tools = {**tool_versions(backend), "diffusers": metadata.version("diffusers")}
+    tools["adaptive-diffusion"] = _app_version()
+    entry = ShippedCache(
+        model_id=pipe.source.model_id,
+        model_hash=pipe.source.content_hash,
+        model_key=cache.model_key,
+        platform_key=cache.platform_key,
+        backend=backend,
+        precision=str(pipe.dtype).removeprefix("torch."),
+        platform=info.fields(),
+        shapes=shapes,
+        tools=tools,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        files={SHIPPED_FILE: {"sha256": sha256_file(target), "size": target.stat().st_size}},
+    )
+    update_manifest(args.out, entry)
+    return entry
+
+
+def _app_version() -> str:
+    try:
+        return metadata.version("adaptive-diffusion")
+    except metadata.PackageNotFoundError:
+        return "source"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        entry = prewarm(args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = entry.files[SHIPPED_FILE]["size"]
+    print(
+        f"{args.out / entry.folder / SHIPPED_FILE}: {size} bytes, {len(entry.shapes)} shape(s), manifest updated"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
