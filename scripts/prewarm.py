@@ -24,7 +24,6 @@ from pipeline.cache import (
     ShippedCache,
     atomic_write_bytes,
     blob_problem,
-    file_lock,
     platform_info,
     sha256_file,
     tool_versions,
@@ -101,8 +100,7 @@ def prewarm(args: argparse.Namespace) -> ShippedCache:
             raise PipelineError(f"platform key {info.key} differs from the pipeline's {cache.platform_key}")
 
         target = args.out / cache.model_key / cache.platform_key / SHIPPED_FILE
-        with file_lock(target):
-            atomic_write_bytes(target, source.read_bytes())
+        atomic_write_bytes(target, source.read_bytes())  # whole or absent, even if interrupted
     tools = {**tool_versions(backend), "diffusers": metadata.version("diffusers")}
     tools["adaptive-diffusion"] = _app_version()
     entry = ShippedCache(
