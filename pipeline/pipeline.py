@@ -46,6 +46,7 @@ class PipelineOutput:
     images: Any
     timings: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # the resolved height, width, steps, guidance
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device, family: Family) -> torch.dtype:
@@ -142,8 +143,8 @@ class Pipeline:
         prompts, negatives = self._check_prompts(prompt, negative_prompt)
         height = height or family.default_size
         width = width or family.default_size
-        steps = num_inference_steps if num_inference_steps is not None else self.default_steps
-        guidance = guidance_scale if guidance_scale is not None else self.default_guidance
+        steps = num_inference_steps if num_inference_steps is not None else family.default_steps
+        guidance = guidance_scale if guidance_scale is not None else family.default_guidance
         self._check_request(height, width, steps, num_images_per_prompt, output_type)
         batch = len(prompts) * num_images_per_prompt
         if generator is None:
@@ -201,17 +202,15 @@ class Pipeline:
             images = array if output_type == "np" else _to_pil(array)
         self._lap(timings, "vae_decoder", clock)
         timings["total"] = sum(timings.values())
-        return PipelineOutput(images=images, timings=timings, seed=seed)
+        settings = {
+            "height": height,
+            "width": width,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+        }
+        return PipelineOutput(images=images, timings=timings, seed=seed, settings=settings)
 
     # ---- helpers ----------------------------------------------------------------------------------------
-    @property
-    def default_steps(self) -> int:
-        return 28 if self.family.name == "flux" else 50
-
-    @property
-    def default_guidance(self) -> float:
-        return 3.5 if self.family.name == "flux" else 7.5
-
     def _run_stage(self, stage: str, inputs: Tensors) -> Tensors:
         spec = self.family.stages[stage]
         moved = {}

@@ -171,6 +171,14 @@ class Family(ABC):
         vae = self.source.configs["vae"]
         return int(vae.get("sample_size", 512))
 
+    @property
+    @abstractmethod
+    def default_steps(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def default_guidance(self) -> float: ...
+
     @abstractmethod
     def _build_stages(self) -> dict[str, StageSpec]: ...
 

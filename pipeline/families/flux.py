@@ -69,6 +69,14 @@ class FluxFamily(Family):
         return bool(self.source.configs["transformer"].get("guidance_embeds", False))
 
     @property
+    def default_steps(self) -> int:
+        return 28 if self.has_guidance else 4  # dev / schnell, as their model cards say
+
+    @property
+    def default_guidance(self) -> float:
+        return 3.5 if self.has_guidance else 0.0
+
+    @property
     def clip_length(self) -> int:
         return int(self.source.configs["text_encoder"]["max_position_embeddings"])
 

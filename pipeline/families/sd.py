@@ -50,6 +50,14 @@ class StableDiffusionFamily(Family):
         return int(self.source.configs["unet"]["sample_size"]) * self.vae_scale_factor
 
     @property
+    def default_steps(self) -> int:
+        return 50
+
+    @property
+    def default_guidance(self) -> float:
+        return 7.5
+
+    @property
     def text_length(self) -> int:
         return int(self.source.configs["text_encoder"]["max_position_embeddings"])
 

@@ -1,0 +1,7 @@
+"""`python -m pipeline "prompt"`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
