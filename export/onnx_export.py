@@ -1,0 +1,367 @@
+"""ONNX export of each pipeline stage, driven by the family's `StageSpec`.
+
+One `<stage>.onnx` per stage (weights of 2 GB or more go to `<stage>.onnx.data` beside it) and a
+`manifest.json` describing every exported stage: tensors with symbolic dims, source model and hash, dtype,
+opset, exporter and library versions. The exporter is `torch.onnx.export(dynamo=True)`: it traces through
+`torch.export`, names dynamic dims after the spec's dim names, and gives graphs onnxruntime and TensorRT-RTX
+parse without custom ops.
+
+Nothing a later run trusts is ever half-written: a stage's manifest entry is dropped before its files are
+replaced, files are written in a temp folder and renamed into place, and the entry (with the ONNX file's
+sha256) is written last. A stage whose entry matches what would be exported now is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.cache import atomic_write_text, file_lock, sha256_file
+from pipeline.errors import InvalidInputError, OutputError
+from pipeline.families import Family, StageSpec, TensorSpec, family_for
+from pipeline.loading import ModelSource, resolve_model
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+EXPORTER = "torch.onnx.export(dynamo=True)"
+DEFAULT_OPSET = 20
+MIN_OPSET = 18  # the oldest opset torch's dynamo exporter writes
+# A protobuf message cannot exceed 2 GiB; weights from 2 GB (decimal) on go to external data, which leaves
+# room for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_VERSIONED = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnx-ir")
+
+
+class StageModule(torch.nn.Module):
+    """A stage as a plain module: inputs positional in spec order, outputs a tuple in spec order."""
+
+    def __init__(self, spec: StageSpec, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.spec = spec
+        self.module = module
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.spec.forward(self.module, dict(zip(self.spec.input_names, inputs, strict=True)))
+        return tuple(outputs[name] for name in self.spec.output_names)
+
+
+# ---- what is exported -----------------------------------------------------------------------------------
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch dtype -> 'fp32' | 'fp16' | 'bf16'."""
+    if dtype not in _DTYPE_NAMES:
+        raise InvalidInputError(f"dtype {dtype} cannot be exported; choose one of {sorted(DTYPES)}")
+    return _DTYPE_NAMES[dtype]
+
+
+def onnx_output_names(spec: StageSpec) -> list[str]:
+    """ONNX names of a stage's outputs: the spec's, with `_out` added where an input has the same name.
+
+    ONNX (and TensorRT) need every tensor name unique; the SD UNet takes `sample` and returns `sample`.
+    """
+    inputs = set(spec.input_names)
+    return [f"{name}_out" if name in inputs else name for name in spec.output_names]
+
+
+def trace_dims(family: Family) -> dict[str, int]:
+    """Dim values for tracing: batch 2, a non-square size, so no two dynamic dims share a value."""
+    unit = family.granularity * 8  # a multiple of every down-sampling factor of the denoisers
+    return family.dims(3 * unit, 5 * unit, 2)
+
+
+def _int_high(module: torch.nn.Module) -> int:
+    """Upper bound for random token ids: the vocabulary size where the module has one."""
+    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+    return min(100, int(vocab)) if vocab else 100
+
+
+def _tensor_entry(t: TensorSpec, dtype: torch.dtype, onnx_name: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": t.name,
+        "dtype": str(t.torch_dtype(dtype)).removeprefix("torch."),
+        "shape": list(t.shape),
+    }
+    if onnx_name is not None and onnx_name != t.name:
+        entry["onnx_name"] = onnx_name
+    return entry
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for dist in _VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    return versions
+
+
+def _identity(source: ModelSource, spec: StageSpec, dtype: torch.dtype, opset: int) -> dict[str, Any]:
+    """Everything that decides an export's content; a manifest entry matches when all of it is equal."""
+    return {
+        "inputs": [_tensor_entry(t, dtype) for t in spec.inputs],
+        "outputs": [
+            _tensor_entry(t, dtype, n) for t, n in zip(spec.outputs, onnx_output_names(spec), strict=True)
+        ],
+        "component": spec.component,
+        "source_hash": source.content_hash,
+        "dtype": dtype_name(dtype),
+        "opset": opset,
+        "exporter": EXPORTER,
+        "versions": library_versions(),
+    }
+
+
+# ---- manifest -------------------------------------------------------------------------------------------
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The stage entries of `out_dir/manifest.json`; an absent or unreadable manifest has none."""
+    path = Path(out_dir) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        logger.warning("%s is unreadable (%s); treating every stage as not exported", path, e)
+        return {}
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != MANIFEST_FORMAT
+        or not isinstance(data.get("stages"), dict)
+    ):
+        logger.warning("%s has an unknown format; treating every stage as not exported", path)
+        return {}
+    return data["stages"]
+
+
+def _write_manifest(out_dir: Path, stages: Mapping[str, dict[str, Any]]) -> None:
+    data = {"format": MANIFEST_FORMAT, "stages": dict(sorted(stages.items()))}
+    atomic_write_text(out_dir / MANIFEST, json.dumps(data, indent=2) + "\n")
+
+
+def _set_entry(out_dir: Path, stage: str, entry: dict[str, Any] | None) -> None:
+    stages = read_manifest(out_dir)
+    if entry is None:
+        if stage not in stages:
+            return
+        del stages[stage]
+    else:
+        stages[stage] = entry
+    _write_manifest(out_dir, stages)
+
+
+def entry_problem(out_dir: Path, entry: Mapping[str, Any], identity: Mapping[str, Any]) -> str | None:
+    """Why a manifest entry cannot be trusted for `identity` (None when it can)."""
+    for key, value in identity.items():
+        if entry.get(key) != value:
+            return f"{key} changed"
+    onnx_file = out_dir / str(entry.get("file"))
+    if not onnx_file.is_file() or onnx_file.stat().st_size != entry.get("size"):
+        return f"{onnx_file.name} is missing or has another size"
+    data = entry.get("external_data")
+    if data is not None:
+        data_file = out_dir / str(data)
+        if not data_file.is_file() or data_file.stat().st_size != entry.get("data_size"):
+            return f"{data_file.name} is missing or has another size"
+    if sha256_file(onnx_file) != entry.get("sha256"):
+        return f"{onnx_file.name} has another checksum"
+    return None
+
+
+# ---- export ---------------------------------------------------------------------------------------------
+
+
+def _prepare_out_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write to output folder {out}: {e.strerror or e}") from e
+    return out
+
+
+def _resolve(source_or_model: ModelSource | str | Path) -> ModelSource:
+    if isinstance(source_or_model, ModelSource):
+        return source_or_model
+    return resolve_model(source_or_model)
+
+
+def _rename_output_dims(program: Any, spec: StageSpec) -> None:
+    """Give the graph outputs the spec's dim names (the exporter writes expressions like 8*latent_height)."""
+    import onnx_ir as ir
+
+    for value, t in zip(program.model.graph.outputs, spec.outputs, strict=True):
+        if value.shape is None:
+            continue
+        dims = [ir.SymbolicDim(d) if isinstance(d, str) else d for d in t.shape]
+        value.shape = ir.Shape(dims)
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _write_stage(
+    source: ModelSource,
+    family: Family,
+    spec: StageSpec,
+    out_dir: Path,
+    dtype: torch.dtype,
+    opset: int,
+    device: torch.device | str,
+) -> dict[str, Any]:
+    """Trace, convert and write one stage; returns the file facts of its manifest entry."""
+    start = time.perf_counter()
+    module = source.load_component(spec.component, dtype, device)
+    dims = trace_dims(family)
+    inputs = spec.example_inputs(
+        dims, dtype, device, generator=torch.Generator().manual_seed(0), int_high=_int_high(module)
+    )
+    dynamic_shapes = tuple(t.dynamic_axes for t in spec.inputs)
+    weights = _weight_bytes(module)
+    external = weights >= EXTERNAL_DATA_THRESHOLD
+    logger.info(
+        "%s: exporting %s (%.2f GB %s) at %s",
+        spec.name,
+        spec.component,
+        weights / 1e9,
+        dtype_name(dtype),
+        ", ".join(f"{k}={v}" for k, v in dims.items() if k in spec.dim_names),
+    )
+    with torch.no_grad():
+        program = torch.onnx.export(
+            StageModule(spec, module),
+            tuple(inputs[name] for name in spec.input_names),
+            input_names=spec.input_names,
+            output_names=onnx_output_names(spec),
+            dynamic_shapes=(dynamic_shapes,),  # one entry: the wrapper's *inputs
+            opset_version=opset,
+            dynamo=True,
+            external_data=external,
+            optimize=True,
+            verbose=False,
+        )
+    _rename_output_dims(program, spec)
+
+    onnx_name = f"{spec.name}.onnx"
+    data_name = f"{onnx_name}.data"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", suffix=".tmp", dir=out_dir))
+    try:
+        program.save(tmp / onnx_name, external_data=external)
+        del program, module
+        facts: dict[str, Any] = {"file": onnx_name, "external_data": data_name if external else None}
+        facts["size"] = (tmp / onnx_name).stat().st_size
+        facts["sha256"] = sha256_file(tmp / onnx_name)
+        if external:
+            facts["data_size"] = (tmp / data_name).stat().st_size
+            (tmp / data_name).replace(out_dir / data_name)
+        (tmp / onnx_name).replace(out_dir / onnx_name)
+        if not external:
+            (out_dir / data_name).unlink(missing_ok=True)  # a stale one from an earlier export
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    facts["trace_dims"] = {k: v for k, v in dims.items() if k in spec.dim_names}
+    logger.info("%s: wrote %s in %.1f s", spec.name, out_dir / onnx_name, time.perf_counter() - start)
+    return facts
+
+
+def _export_stage(
+    source: ModelSource,
+    family: Family,
+    stage: str,
+    out_dir: Path,
+    dtype: torch.dtype,
+    opset: int,
+    force: bool,
+    device: torch.device | str,
+) -> Path:
+    spec = family.stages[stage]
+    identity = _identity(source, spec, dtype, opset)
+    entry = read_manifest(out_dir).get(stage)
+    if entry is not None and not force:
+        problem = entry_problem(out_dir, entry, identity)
+        if problem is None:
+            logger.info("%s: up to date in %s (manifest matches), skipping", stage, out_dir)
+            return out_dir / entry["file"]
+        logger.info("%s: re-exporting, %s", stage, problem)
+    # From here until the new entry is written, no entry vouches for this stage's files.
+    _set_entry(out_dir, stage, None)
+    facts = _write_stage(source, family, spec, out_dir, dtype, opset, device)
+    _set_entry(out_dir, stage, {**facts, **identity, "model_id": source.model_id})
+    return out_dir / facts["file"]
+
+
+def _check_stages(family: Family, stages: Iterable[str] | None) -> list[str]:
+    if stages is None:
+        return list(family.stages)
+    names = list(stages)
+    unknown = [s for s in names if s not in family.stages]
+    if unknown:
+        raise InvalidInputError(
+            f"unknown stage {', '.join(map(repr, unknown))} for {family.name}; "
+            f"choose from {', '.join(family.stages)}"
+        )
+    return names
+
+
+def export_stage(
+    source_or_model: ModelSource | str | Path,
+    stage: str,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    opset: int | None = None,
+    force: bool = False,
+    device: torch.device | str = "cpu",
+) -> Path:
+    """Export one stage to `out_dir/<stage>.onnx` (skipped when the manifest entry matches); its path."""
+    return export_model(
+        source_or_model, out_dir, stages=[stage], dtype=dtype, opset=opset, force=force, device=device
+    )[stage]
+
+
+def export_model(
+    source_or_model: ModelSource | str | Path,
+    out_dir: str | Path,
+    *,
+    stages: Iterable[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    opset: int | None = None,
+    force: bool = False,
+    device: torch.device | str = "cpu",
+) -> dict[str, Path]:
+    """Export the stages of a model (all by default) to `out_dir`; stage name -> its .onnx path.
+
+    `source_or_model` is a `ModelSource` or anything `resolve_model` takes (folder, hub id, built-in name).
+    """
+    source = _resolve(source_or_model)
+    family = family_for(source)
+    names = _check_stages(family, stages)
+    dtype_name(dtype)  # refuse unknown dtypes before any work
+    out = _prepare_out_dir(out_dir)
+    opset = DEFAULT_OPSET if opset is None else opset
+    if opset < MIN_OPSET:
+        raise InvalidInputError(f"opset {opset} is too old for the exporter; use {MIN_OPSET} or newer")
+    paths = {}
+    with file_lock(out / MANIFEST):
+        for name in names:
+            paths[name] = _export_stage(source, family, name, out, dtype, opset, force, device)
+    return paths
