@@ -248,7 +248,7 @@ def _write_stage(
     )
     with torch.no_grad():
         program = torch.onnx.export(
-            StageModule(spec, module),
+            StageModule(spec, module).eval(),
             tuple(inputs[name] for name in spec.input_names),
             input_names=spec.input_names,
             output_names=onnx_output_names(spec),

@@ -1,0 +1,217 @@
+"""ONNX export: every stage of both tiny families matches its torch module in onnxruntime at several shapes;
+re-runs skip, --force re-exports, an interrupted export leaves nothing a later run trusts, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import MANIFEST, export_model, export_stage, onnx_output_names, read_manifest
+from export.__main__ import main
+from pipeline.families import Family, family_for
+from pipeline.loading import ModelSource, read_model
+
+STAGES = [
+    ("flux", "text_encoder"),
+    ("flux", "text_encoder_2"),
+    ("flux", "transformer"),
+    ("flux", "vae_decoder"),
+    ("sd", "text_encoder"),
+    ("sd", "unet"),
+    ("sd", "vae_decoder"),
+]
+
+
+@dataclass
+class Exported:
+    source: ModelSource
+    family: Family
+    out: Path
+    paths: dict[str, Path]
+
+
+def _export(folder: Path, out: Path) -> Exported:
+    source = read_model(folder)
+    return Exported(source, family_for(source), out, export_model(source, out))
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_flux: Path, tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
+    """Every stage of both tiny families, exported once for the whole module (fp32)."""
+    return {
+        "flux": _export(tiny_flux, tmp_path_factory.mktemp("onnx-flux")),
+        "sd": _export(tiny_sd, tmp_path_factory.mktemp("onnx-sd")),
+    }
+
+
+def _shapes(family: Family) -> list[dict[str, int]]:
+    """Two requests unlike the traced one and unlike each other: batch, height, width and text all differ."""
+    u = family.granularity * 4
+    shapes = []
+    for batch, height, width, text in ((1, 2 * u, 3 * u, 7), (3, 4 * u, 2 * u, 33)):
+        dims = family.dims(height, width, batch)
+        if "text_tokens" in dims:
+            dims["text_tokens"] = text
+        shapes.append(dims)
+    return shapes
+
+
+def _rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
+
+
+@pytest.mark.parametrize(("family_name", "stage"), STAGES, ids=[f"{f}-{s}" for f, s in STAGES])
+def test_onnxruntime_matches_torch(exported: dict[str, Exported], family_name: str, stage: str) -> None:
+    ex = exported[family_name]
+    spec = ex.family.stages[stage]
+    module = ex.source.load_component(spec.component, torch.float32)
+    vocab = getattr(getattr(module, "config", None), "vocab_size", 100)
+    session = ort.InferenceSession(str(ex.paths[stage]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == spec.input_names
+    assert [o.name for o in session.get_outputs()] == onnx_output_names(spec)
+    for i, dims in enumerate(_shapes(ex.family)):
+        inputs = spec.example_inputs(
+            dims, torch.float32, generator=torch.Generator().manual_seed(i), int_high=min(vocab, 100)
+        )
+        with torch.no_grad():
+            expected = spec.forward(module, inputs)
+        actual = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        for t, got in zip(spec.outputs, actual, strict=True):
+            want = expected[t.name].numpy()
+            assert got.shape == want.shape == t.concrete(dims)
+            assert _rel_error(got, want) <= 1e-4, f"{stage}.{t.name} at {dims}"
+
+
+@pytest.mark.parametrize(("family_name", "stage"), STAGES, ids=[f"{f}-{s}" for f, s in STAGES])
+def test_graph_and_manifest_follow_the_spec(
+    exported: dict[str, Exported], family_name: str, stage: str
+) -> None:
+    ex = exported[family_name]
+    spec = ex.family.stages[stage]
+    graph = onnx.load(ex.paths[stage], load_external_data=False).graph
+
+    def dims(value: onnx.ValueInfoProto) -> list[int | str]:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert [dims(v) for v in graph.input] == [list(t.shape) for t in spec.inputs]
+    assert [dims(v) for v in graph.output] == [list(t.shape) for t in spec.outputs]
+    entry = read_manifest(ex.out)[stage]
+    assert entry["file"] == f"{stage}.onnx"
+    assert entry["external_data"] is None
+    assert [t["name"] for t in entry["inputs"]] == spec.input_names
+    assert [t["shape"] for t in entry["outputs"]] == [list(t.shape) for t in spec.outputs]
+    assert entry["source_hash"] == ex.source.content_hash
+    assert entry["dtype"] == "fp32"
+    assert {"torch", "diffusers", "transformers", "onnx"} <= set(entry["versions"])
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_rerun_skips_every_stage(exported: dict[str, Exported], caplog: pytest.LogCaptureFixture) -> None:
+    ex = exported["flux"]
+    manifest = (ex.out / MANIFEST).read_bytes()
+    before = _snapshot(ex.out)
+    with caplog.at_level(logging.INFO, logger="export"):
+        paths = export_model(ex.source, ex.out)
+    assert paths == ex.paths
+    assert (ex.out / MANIFEST).read_bytes() == manifest
+    assert _snapshot(ex.out) == before
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == len(ex.family.stages)
+
+
+def test_force_reexports(exported: dict[str, Exported], tmp_path: Path) -> None:
+    ex = exported["flux"]
+    out = shutil.copytree(ex.out, tmp_path / "onnx")
+    before = _snapshot(out)
+    export_stage(ex.source, "text_encoder_2", out, force=True)
+    after = _snapshot(out)
+    assert after["text_encoder_2.onnx"] != before["text_encoder_2.onnx"]
+    assert after["transformer.onnx"] == before["transformer.onnx"]
+    assert read_manifest(out)["text_encoder_2"]["sha256"]
+
+
+def test_interrupted_export_leaves_nothing_trusted(
+    exported: dict[str, Exported], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ex = exported["flux"]
+    out = shutil.copytree(ex.out, tmp_path / "onnx")
+    real_replace = os.replace
+
+    def dies_on_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if str(dst).endswith(".onnx"):
+            raise OSError("simulated crash while moving the ONNX file into place")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_on_onnx)
+    with pytest.raises(OSError, match="simulated crash"):
+        export_stage(ex.source, "text_encoder_2", out, force=True)
+    monkeypatch.undo()
+
+    stages = read_manifest(out)
+    assert "text_encoder_2" not in stages  # the old entry no longer vouches for the stage
+    assert set(stages) == set(ex.family.stages) - {"text_encoder_2"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".text_encoder_2.")]  # temp files removed
+    # the next run exports the stage again instead of trusting what is there
+    mtime = (out / "text_encoder_2.onnx").stat().st_mtime_ns
+    export_stage(ex.source, "text_encoder_2", out)
+    assert (out / "text_encoder_2.onnx").stat().st_mtime_ns != mtime
+    assert read_manifest(out)["text_encoder_2"]["sha256"]
+
+
+def test_cli_exports_and_skips(exported: dict[str, Exported], capsys: pytest.CaptureFixture[str]) -> None:
+    ex = exported["sd"]
+    assert main([str(ex.source.path), "--out", str(ex.out), "--stages", "unet,vae_decoder"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"unet: {ex.paths['unet']}", f"vae_decoder: {ex.paths['vae_decoder']}"]
+
+
+def _unsupported_model(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["unknown-stage", "unsupported-family", "unwritable-out", "missing-model"])
+def test_cli_bad_input_is_one_line_exit_2(
+    tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    model, out, extra = str(tiny_sd), tmp_path / "out", []
+    if case == "unknown-stage":
+        extra = ["--stages", "unet,transformer"]
+    elif case == "unsupported-family":
+        model = str(_unsupported_model(tmp_path / "sdxl"))
+    elif case == "unwritable-out":
+        (tmp_path / "file").write_text("not a folder")
+        out = tmp_path / "file" / "out"
+    else:
+        model = str(tmp_path / "no" / "such" / "model")
+    assert main([model, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not (out / MANIFEST).exists()
+
+
+def test_cli_process_exit_code(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "export", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
