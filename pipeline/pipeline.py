@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .cache import ModelCache
 from .denoise import DenoiseState, final_latents, make_step
 from .engines import Backend, choose_backend, create_backend
 from .errors import InvalidInputError
@@ -85,6 +86,7 @@ class Pipeline:
         self.device = backend.device
         self.dtype = backend.dtype
         self.progress = True
+        self.model_cache: ModelCache | None = None  # where this model's ONNX, engines and caches live
 
     @classmethod
     def from_pretrained(
@@ -109,8 +111,9 @@ class Pipeline:
         dev = parse_device(device)
         torch_dtype = parse_dtype(dtype, dev, family)
         name = choose_backend(backend, dev)
+        model_cache = ModelCache.for_model(source, name, dev, cache_dir)
         engine_backend = create_backend(
-            name, family, dev, torch_dtype, cache_dir=cache_dir, **backend_options
+            name, family, dev, torch_dtype, cache_dir=cache_dir, model_cache=model_cache, **backend_options
         )
         logger.info(
             "%s (%s) on %s, %s, backend %s",
@@ -120,7 +123,9 @@ class Pipeline:
             torch_dtype,
             engine_backend.describe(),
         )
-        return cls(source, family, engine_backend)
+        pipe = cls(source, family, engine_backend)
+        pipe.model_cache = model_cache
+        return pipe
 
     # ---- the call ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -141,8 +146,8 @@ class Pipeline:
     ) -> PipelineOutput:
         family = self.family
         prompts, negatives = self._check_prompts(prompt, negative_prompt)
-        height = height or family.default_size
-        width = width or family.default_size
+        height = family.default_size if height is None else height
+        width = family.default_size if width is None else width
         steps = num_inference_steps if num_inference_steps is not None else family.default_steps
         guidance = guidance_scale if guidance_scale is not None else family.default_guidance
         self._check_request(height, width, steps, num_images_per_prompt, output_type)

@@ -61,10 +61,6 @@ class FluxFamily(Family):
         return self.vae_scale_factor * 2  # VAE downsampling, then 2x2 packing
 
     @property
-    def default_size(self) -> int:
-        return self.granularity * 64  # 1024 for the real model, as diffusers defaults
-
-    @property
     def has_guidance(self) -> bool:
         return bool(self.source.configs["transformer"].get("guidance_embeds", False))
 
