@@ -168,21 +168,26 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             'give a prompt, e.g. python -m pipeline "a red fox in the snow" --model tiny-flux'
         )
-    if args.num_images < 1:
-        raise InvalidInputError(f"--num-images must be at least 1, got {args.num_images}")
-    if args.steps is not None and args.steps < 1:
-        raise InvalidInputError(f"--steps must be at least 1, got {args.steps}")
 
     import random
 
-    from .pipeline import Pipeline
+    from .families import family_for
+    from .loading import resolve_model
+    from .pipeline import Pipeline, check_request
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     paths = output_paths(args.output, args.prompt, seed, args.num_images)
     check_writable(paths)
+    # everything a user can get wrong is checked on the configs, before any weights load
+    source = resolve_model(args.model, cache_dir=args.cache_dir)
+    family = family_for(source)
+    steps = args.steps if args.steps is not None else family.default_steps
+    height = family.default_size if args.height is None else args.height
+    width = family.default_size if args.width is None else args.width
+    check_request(family, height, width, steps, args.num_images, "pil")
 
     with Pipeline.from_pretrained(
-        args.model,
+        source,
         backend=args.backend,
         device=args.device,
         dtype=args.dtype,

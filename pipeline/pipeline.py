@@ -76,6 +76,24 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def check_request(
+    family: Family, height: int, width: int, steps: int, per_prompt: int, output_type: str
+) -> None:
+    """Raise InvalidInputError for a request the family cannot serve (before any work is done)."""
+    g = family.granularity
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0 or value % g:
+            raise InvalidInputError(
+                f"{name} {value} is not a positive multiple of {g} ({family.name} needs multiples of {g})"
+            )
+    if not isinstance(steps, int) or steps < 1:
+        raise InvalidInputError(f"num_inference_steps must be at least 1, got {steps}")
+    if not isinstance(per_prompt, int) or per_prompt < 1:
+        raise InvalidInputError(f"num_images_per_prompt must be at least 1, got {per_prompt}")
+    if output_type not in OUTPUT_TYPES:
+        raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+
+
 class Pipeline:
     """A text-to-image pipeline whose every stage runs through an engine of the chosen backend."""
 
@@ -91,7 +109,7 @@ class Pipeline:
     @classmethod
     def from_pretrained(
         cls,
-        model: str | Path,
+        model: str | Path | ModelSource,
         *,
         backend: str = "auto",
         device: str | torch.device | None = None,
@@ -106,7 +124,11 @@ class Pipeline:
         backend_options: compile, cuda_graphs, specialization ("lazy"|"eager"|"none"), precision.
         """
         cache_dir = Path(cache_dir) if cache_dir is not None else None
-        source = resolve_model(model, cache_dir=cache_dir, local_files_only=local_files_only)
+        source = (
+            model
+            if isinstance(model, ModelSource)
+            else resolve_model(model, cache_dir=cache_dir, local_files_only=local_files_only)
+        )
         family = family_for(source)
         dev = parse_device(device)
         torch_dtype = parse_dtype(dtype, dev, family)
@@ -150,7 +172,7 @@ class Pipeline:
         width = family.default_size if width is None else width
         steps = num_inference_steps if num_inference_steps is not None else family.default_steps
         guidance = guidance_scale if guidance_scale is not None else family.default_guidance
-        self._check_request(height, width, steps, num_images_per_prompt, output_type)
+        check_request(family, height, width, steps, num_images_per_prompt, output_type)
         batch = len(prompts) * num_images_per_prompt
         if generator is None:
             seed = seed if seed is not None else random.randrange(2**63)
@@ -247,22 +269,6 @@ class Pipeline:
                 f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt"
             )
         return prompts, negatives
-
-    def _check_request(self, height: int, width: int, steps: int, per_prompt: int, output_type: str) -> None:
-        g = self.family.granularity
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % g:
-                raise InvalidInputError(
-                    f"{name} {value} is not a positive multiple of {g} ({self.family.name} needs multiples of {g})"
-                )
-        if not isinstance(steps, int) or steps < 1:
-            raise InvalidInputError(f"num_inference_steps must be at least 1, got {steps}")
-        if not isinstance(per_prompt, int) or per_prompt < 1:
-            raise InvalidInputError(f"num_images_per_prompt must be at least 1, got {per_prompt}")
-        if output_type not in OUTPUT_TYPES:
-            raise InvalidInputError(
-                f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}"
-            )
 
     # ---- lifetime ---------------------------------------------------------------------------------------
     def close(self) -> None:
