@@ -1,0 +1,54 @@
+"""Choosing a backend, and the rtx backend end to end where a GPU TensorRT-RTX runs on exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import BackendUnavailableError, InvalidInputError, Pipeline
+from pipeline.engines import choose_backend
+from pipeline.engines.rtx import rtx_supported
+from pipeline.engines.rtx_backend import default_shape_range
+from pipeline.families import family_for
+from pipeline.loading import read_model
+
+RTX_OK, RTX_WHY = rtx_supported()
+
+
+def test_auto_picks_torch_on_cpu_and_says_why(caplog) -> None:
+    with caplog.at_level("INFO", logger="pipeline"):
+        assert choose_backend("auto", torch.device("cpu")) == "torch"
+    assert any("backend auto -> torch" in r.getMessage() for r in caplog.records)
+
+
+def test_rtx_refused_clearly_where_it_cannot_run() -> None:
+    with pytest.raises(BackendUnavailableError, match="use --backend torch"):
+        choose_backend("rtx", torch.device("cpu"))
+    with pytest.raises(InvalidInputError, match="unknown backend"):
+        choose_backend("tensorrt", torch.device("cpu"))
+
+
+def test_first_use_engine_range_covers_the_default_size(tiny_flux: Path, tiny_sd: Path) -> None:
+    for folder in (tiny_flux, tiny_sd):
+        family = family_for(read_model(folder))
+        r = default_shape_range(family)
+        g = family.granularity
+        assert r.min_size[0] <= family.default_size == r.opt_size[0] <= r.max_size[0]
+        assert all(v % g == 0 for v in (*r.min_size, *r.max_size))
+
+
+@pytest.mark.rtx
+@pytest.mark.skipif(not RTX_OK, reason=RTX_WHY)
+@pytest.mark.parametrize("model", ["tiny_sd", "tiny_flux"])
+def test_rtx_pipeline_matches_torch(model: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    folder = request.getfixturevalue(model)
+    kwargs = {"height": 64, "width": 64, "num_inference_steps": 3, "seed": 1, "output_type": "np"}
+    with Pipeline.from_pretrained(folder, backend="rtx", dtype=torch.float16, cache_dir=tmp_path) as rtx:
+        ours = rtx("a red fox", **kwargs).images
+    assert (rtx.model_cache.runtime_cache_path).is_file()  # saved at close
+    torch_pipe = Pipeline.from_pretrained(folder, backend="torch", dtype=torch.float16, cache_dir=tmp_path)
+    ref = torch_pipe("a red fox", **kwargs).images
+    assert np.abs(ours - ref).max() < 2e-2
