@@ -80,6 +80,15 @@ def shipped_caches_dir() -> Path:
 # ---- atomic writes and locks ------------------------------------------------------------------------------
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a part.
 
@@ -89,6 +98,7 @@ def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -7,8 +7,8 @@ for any error a user can cause one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
-import os
 import re
 import sys
 import tempfile
@@ -124,22 +124,18 @@ def check_writable(paths: list[Path]) -> None:
 
 
 def save_png(image: Any, path: Path, metadata: dict[str, str]) -> None:
-    """Write a PNG with text metadata, atomically: a temp file in the same folder, then rename."""
+    """Write a PNG with text metadata, atomically (temp file in the same folder, then rename)."""
     from PIL.PngImagePlugin import PngInfo
+
+    from .cache import atomic_write_bytes
 
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                image.save(f, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, buffer.getbuffer())
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
 

@@ -68,7 +68,7 @@ def make_step(
         k = state.index
         x = state.latents(state.in_coef.index_select(0, k)[0]).to(dtype)
         t = state.timesteps.index_select(0, k)
-        out = denoiser(**family.denoiser_inputs(x, t, state.cond))["sample"]
+        out = denoiser(**family.denoiser_inputs(x, t, state.cond))["noise_pred"]
         guided = family.guide(out, guidance_scale)
         state.history.index_copy_(0, k + 1, guided.unsqueeze(0).to(torch.float32))
         state.index.add_(1)

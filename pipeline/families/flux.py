@@ -40,7 +40,7 @@ def _transformer(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tens
         guidance=x.get("guidance"),
         return_dict=False,
     )[0]
-    return {"sample": out}
+    return {"noise_pred": out}
 
 
 def _vae_decode(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
@@ -116,7 +116,7 @@ class FluxFamily(Family):
                 "transformer",
                 "transformer",
                 tuple(transformer_inputs),
-                (TensorSpec("sample", ("batch", "image_tokens", out_ch)),),
+                (TensorSpec("noise_pred", ("batch", "image_tokens", out_ch)),),
                 _transformer,
             ),
             "vae_decoder": StageSpec(

@@ -25,7 +25,7 @@ def _unet(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
     out = module(
         x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"], return_dict=False
     )
-    return {"sample": out[0]}
+    return {"noise_pred": out[0]}
 
 
 def _vae_decode(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
