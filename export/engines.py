@@ -21,7 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.engines.rtx import TrtLogger, file_lock, trt, write_atomic
+from pipeline.cache import atomic_write_bytes, file_lock, sha256_file
+from pipeline.engines.rtx import TrtLogger, trt
 from pipeline.errors import InvalidInputError, PipelineError
 from pipeline.families import Family, ShapeRange, StageSpec
 
@@ -67,12 +68,11 @@ def onnx_sha256(onnx_path: str | Path) -> str:
             if entry.key == "location"
         }
     )
+    if not data_files:
+        return sha256_file(path)
     digest = hashlib.sha256()
     for file in (path, *(path.parent / name for name in data_files)):
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+        digest.update(f"{file.name}:{sha256_file(file)}\n".encode())
     return digest.hexdigest()
 
 
@@ -97,14 +97,16 @@ def _why_rebuild(old: dict[str, Any] | None, new: dict[str, Any], engine_path: P
         return "no engine yet"
     if old is None:
         return "no readable metadata beside the engine"
+    changes = []
     for key, value in new.items():
         if old.get(key) != value:
             if key == "onnx_sha256":
-                return "ONNX changed"
-            if key in ("targets", "tensorrt_rtx", "weight_streaming"):
-                return f"{key} changed ({old.get(key)} -> {value})"
-            return f"{key} changed"
-    return None
+                changes.append("ONNX changed")
+            elif key in ("targets", "tensorrt_rtx", "weight_streaming"):
+                changes.append(f"{key} changed ({old.get(key)} -> {value})")
+            else:
+                changes.append(f"{key} changed")
+    return ", ".join(changes) or None
 
 
 def _read_metadata(path: Path) -> dict[str, Any] | None:
@@ -194,11 +196,11 @@ def build_engine(
         logger.info("building %s engine for %s: %s", stage_spec.name, ",".join(targets), reason)
         start = time.perf_counter()
         data = build_serialized(onnx_path, profile, targets=targets, weight_streaming=weight_streaming)
-        write_atomic(out_path, data)
+        atomic_write_bytes(out_path, data)
         meta["build_seconds"] = round(time.perf_counter() - start, 2)
         meta["engine_bytes"] = len(data)
         meta["stage"] = stage_spec.name
-        write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
         logger.info(
             "built %s engine in %.1f s, %.1f MB: %s",
             stage_spec.name,

@@ -8,7 +8,7 @@ ones swapped in when compiled) and the CUDA graph strategy (whole-graph capture 
 `RuntimeCache` is the one `IRuntimeCache` every stage shares: the kernels TensorRT-RTX JIT-compiled, read
 once from its file under a lock, written once at `save()` / `close()` / context exit (temp file + rename,
 under the lock). A corrupt file, or one from another GPU or TensorRT-RTX version, is one warning and a
-fresh cache, replaced on save.
+fresh cache, replaced on save. The file is pipeline.cache's container (magic, platform key, sha256).
 
 Only the documented tensorrt_rtx 1.7 Python API is used. It runs on GPUs of compute capability 8.0, 8.6, 8.9
 and 12.x; `rtx_supported()` says whether this machine has one.
@@ -16,22 +16,15 @@ and 12.x; `rtx_supported()` says whether this machine has one.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import math
-import os
-import re
-import struct
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from filelock import FileLock
 
+from ..cache import load_blob, platform_key, save_blob
 from ..errors import InvalidInputError, OutOfProfileError, PipelineError
 from .base import Specialization
 
@@ -53,30 +46,6 @@ SUPPORTED_CC = ((8, 0), (8, 6), (8, 9))  # plus every 12.x
 
 class StaleEngineError(PipelineError):
     """An engine file cannot run here (other TensorRT-RTX version, GPU, CUDA, or damaged): rebuild it."""
-
-
-# ---- small file helpers (lock + atomic write) ---------------------------------------------------------------
-@contextlib.contextmanager
-def file_lock(path: str | Path, timeout: float = 600.0) -> Iterator[None]:
-    """An inter-process lock on `path` (held on `<path>.lock`)."""
-    with FileLock(f"{path}.lock", timeout=timeout):
-        yield
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync, then rename over `path`: readers see old or new."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ---- TensorRT-RTX logging -----------------------------------------------------------------------------------
@@ -113,66 +82,6 @@ def rtx_supported() -> tuple[bool, str]:
     return False, f"TensorRT-RTX {trt.__version__} does not run on {where}; it needs 8.0, 8.6, 8.9 or 12.x"
 
 
-def platform_key() -> str:
-    """What a runtime cache is valid for: TensorRT-RTX version, GPU model and compute capability."""
-    if trt is None or not torch.cuda.is_available():
-        raise RuntimeError("platform_key() needs tensorrt_rtx and a CUDA GPU")
-    major, minor = torch.cuda.get_device_capability()
-    gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return f"rtx{trt.__version__}-sm{major}{minor}-{gpu}"
-
-
-# ---- runtime cache file -------------------------------------------------------------------------------------
-_MAGIC = b"ADRTXRC1"  # 8 bytes, then a 4-byte header length, the JSON header, the IRuntimeCache blob
-
-
-def write_cache_file(path: str | Path, blob: bytes, key: str) -> None:
-    """Write a serialized runtime cache with a header (platform key, version, sha256); lock + atomic."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    version = trt.__version__ if trt is not None else "none"
-    header = json.dumps(
-        {
-            "platform": key,
-            "tensorrt_rtx": version,
-            "size": len(blob),
-            "sha256": hashlib.sha256(blob).hexdigest(),
-        }
-    ).encode()
-    with file_lock(path):
-        write_atomic(path, _MAGIC + struct.pack("<I", len(header)) + header + blob)
-
-
-def read_cache_file(path: str | Path, key: str) -> bytes | None:
-    """The cache blob saved for platform `key`, or None (missing, corrupt, or another platform: one warning)."""
-    path = Path(path)
-    if not path.is_file():
-        logger.debug("no runtime cache at %s yet", path)
-        return None
-    with file_lock(path):
-        data = path.read_bytes()
-    try:
-        if data[:8] != _MAGIC:
-            raise ValueError("not a runtime cache file")
-        (n,) = struct.unpack("<I", data[8:12])
-        header = json.loads(data[12 : 12 + n])
-        blob = data[12 + n :]
-        if len(blob) != header["size"] or hashlib.sha256(blob).hexdigest() != header["sha256"]:
-            raise ValueError("truncated or damaged")
-    except (ValueError, KeyError, TypeError, struct.error) as e:
-        logger.warning("runtime cache %s is unreadable (%s); starting a fresh one, replaced on save", path, e)
-        return None
-    if header.get("platform") != key:
-        logger.warning(
-            "runtime cache %s was made for %s, this is %s; starting a fresh one, replaced on save",
-            path,
-            header.get("platform"),
-            key,
-        )
-        return None
-    return blob
-
-
 class RuntimeCache:
     """The one TensorRT-RTX runtime cache shared by every stage of a pipeline, persisted in one file.
 
@@ -183,8 +92,8 @@ class RuntimeCache:
 
     def __init__(self, path: str | Path, key: str | None = None) -> None:
         self.path = Path(path)
-        self.key = key or platform_key()
-        self._blob = read_cache_file(self.path, self.key)
+        self.key = key or platform_key("rtx", torch.device("cuda"))
+        self._blob = load_blob(self.path, self.key)
         self._cache: Any = None  # trt.IRuntimeCache
         self._owner: Any = None  # the IRuntimeConfig that created it, kept alive with it
         self._closed = False
@@ -212,11 +121,12 @@ class RuntimeCache:
             raise RuntimeError("TensorRT-RTX refused to attach the runtime cache to a runtime config")
 
     def save(self) -> bool:
-        """Write the cache file (lock + atomic replace). False when no engine has used the cache yet."""
+        """Write the cache file (lock + atomic replace); False when nothing to save or it cannot be written."""
         if self._cache is None:
             return False
         blob = bytes(memoryview(self._cache.serialize()))
-        write_cache_file(self.path, blob, self.key)
+        if not save_blob(self.path, blob, self.key, meta={"kind": "tensorrt_rtx runtime cache"}):
+            return False
         logger.info("saved runtime cache (%.1f MB) to %s", len(blob) / 1e6, self.path)
         return True
 
@@ -309,6 +219,43 @@ class _DimWords:
         )
 
 
+class ProfileGuard:
+    """Checks request shapes against an engine's optimization profile, before TensorRT-RTX sees them.
+
+    A shape outside the profile raises OutOfProfileError in the user's words (pixels, batch, tokens) with
+    what to rebuild with, instead of a TensorRT error trace.
+    """
+
+    def __init__(
+        self, stage: StageSpec, profile: Mapping[str, Sequence[Sequence[int]]], family: Family | None = None
+    ) -> None:
+        self.stage = stage
+        self.profile = {name: [tuple(s) for s in shapes] for name, shapes in profile.items()}
+        self._specs = {t.name: t for t in stage.inputs}
+        self._words = _DimWords(family)
+
+    def check(self, name: str, shape: Sequence[int]) -> None:
+        shape = tuple(shape)
+        lo, _, hi = self.profile[name]
+        spec = self._specs.get(name)
+        if len(shape) != len(lo):
+            raise InvalidInputError(
+                f"{self.stage.name} input {name} has shape {shape}, expected {len(lo)} dims"
+            )
+        for axis, value in enumerate(shape):
+            if lo[axis] <= value <= hi[axis]:
+                continue
+            dim = spec.shape[axis] if spec is not None and axis < len(spec.shape) else None
+            if isinstance(dim, str):
+                raise OutOfProfileError(
+                    f"{self.stage.name}: {self._words.describe(dim, value, lo[axis], hi[axis])}"
+                )
+            raise OutOfProfileError(
+                f"{self.stage.name} input {name} has shape {shape}; the engine takes {lo}..{hi}; "
+                "the ONNX and engine were made for another model configuration: re-export and rebuild"
+            )
+
+
 class RtxEngine:
     """One stage as a TensorRT-RTX engine: `engine(**cuda_tensors) -> {output name: tensor}`.
 
@@ -336,7 +283,6 @@ class RtxEngine:
         self.stage = stage
         self.specialization = Specialization(specialization)
         self.cuda_graphs = cuda_graphs
-        self._words = _DimWords(family)
         self._dtypes = _torch_dtypes()
         self._logger = TrtLogger()
 
@@ -384,33 +330,13 @@ class RtxEngine:
         self.profile = {
             n: [tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0)] for n in self.inputs
         }
-        self._specs = {t.name: t for t in stage.inputs}
+        self.guard = ProfileGuard(stage, self.profile, family)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._buffers: dict[str, torch.Tensor] = {}
 
     def describe(self) -> str:
         graphs = "cuda graphs" if self.cuda_graphs else "no cuda graphs"
         return f"{self.stage.name}: TensorRT-RTX {trt.__version__}, {self.specialization.value}, {graphs}"
-
-    def _check_profile(self, name: str, shape: tuple[int, ...]) -> None:
-        lo, _, hi = self.profile[name]
-        spec = self._specs.get(name)
-        if len(shape) != len(lo):
-            raise InvalidInputError(
-                f"{self.stage.name} input {name} has shape {shape}, expected {len(lo)} dims"
-            )
-        for axis, value in enumerate(shape):
-            if lo[axis] <= value <= hi[axis]:
-                continue
-            dim = spec.shape[axis] if spec is not None and axis < len(spec.shape) else None
-            if isinstance(dim, str):
-                raise OutOfProfileError(
-                    f"{self.stage.name}: {self._words.describe(dim, value, lo[axis], hi[axis])}"
-                )
-            raise OutOfProfileError(
-                f"{self.stage.name} input {name} has shape {shape}; the engine takes {lo}..{hi}; "
-                "the ONNX and engine were made for another model configuration: re-export and rebuild"
-            )
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         missing = [n for n in self.inputs if n not in inputs]
@@ -421,7 +347,7 @@ class RtxEngine:
             tensor = inputs[name]
             shape = tuple(tensor.shape)
             if self._shapes.get(name) != shape:
-                self._check_profile(name, shape)
+                self.guard.check(name, shape)
                 if not self.context.set_input_shape(name, shape):
                     raise RuntimeError(
                         f"TensorRT-RTX rejected shape {shape} for {name}: {self._logger.last_error()}"

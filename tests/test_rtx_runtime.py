@@ -1,0 +1,144 @@
+"""TensorRT-RTX engines at run time: they need a GPU TensorRT-RTX runs on (compute capability 8.0, 8.6, 8.9
+or 12.x). Everywhere else every test here is skipped with `rtx_supported()`'s reason (H100/H200 are 9.0).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.engines import build_engines
+from export.onnx_export import export_model
+from pipeline.engines.rtx import RtxEngine, RuntimeCache, StaleEngineError, rtx_supported
+from pipeline.errors import OutOfProfileError
+from pipeline.families import Family, ShapeRange, family_for
+from pipeline.loading import read_model
+
+SUPPORTED, WHY = rtx_supported()
+pytestmark = [pytest.mark.rtx, pytest.mark.skipif(not SUPPORTED, reason=WHY)]
+
+
+def tiny_range(family: Family) -> ShapeRange:
+    g = family.granularity
+    return ShapeRange((2 * g, 2 * g), (4 * g, 4 * g), (8 * g, 8 * g), 1, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory, tiny_flux: Path, tiny_sd: Path) -> dict[str, dict]:
+    out = {}
+    for name, folder in (("flux", tiny_flux), ("sd", tiny_sd)):
+        root = tmp_path_factory.mktemp(f"rtx-run-{name}")
+        source = read_model(folder)
+        family = family_for(source)
+        export_model(source, root / "onnx")
+        paths = build_engines(family, root / "onnx", root / "engines", shape_range=tiny_range(family))
+        modules = {
+            s.name: source.load_component(s.component, torch.float32, "cuda") for s in family.stages.values()
+        }
+        out[name] = {"family": family, "paths": paths, "modules": modules, "root": root}
+    return out
+
+
+def _inputs(family: Family, stage: str, size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    dims = family.dims(size, size, 1)
+    dims.setdefault("text_tokens", 256)
+    gen = torch.Generator().manual_seed(seed)
+    return family.stages[stage].example_inputs(dims, torch.float32, "cuda", generator=gen, int_high=50)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("family_name", "stage"),
+    [("flux", s) for s in ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")]
+    + [("sd", s) for s in ("text_encoder", "unet", "vae_decoder")],
+)
+def test_engine_matches_torch(engines: dict[str, dict], family_name: str, stage: str, tmp_path: Path) -> None:
+    e = engines[family_name]
+    family = e["family"]
+    with RuntimeCache(tmp_path / "rt.cache") as cache:
+        engine = RtxEngine(e["paths"][stage], family.stages[stage], cache=cache, family=family)
+        x = _inputs(family, stage, 4 * family.granularity)
+        got = engine(**x)
+        with torch.inference_mode():
+            want = family.stages[stage].forward(e["modules"][stage], x)
+        torch.cuda.current_stream().synchronize()
+        assert set(got) == set(want)
+        for name in want:
+            _close(got[name], want[name])
+
+
+def test_lazy_specialization_serves_new_shapes(engines: dict[str, dict], tmp_path: Path) -> None:
+    e = engines["sd"]
+    family = e["family"]
+    with RuntimeCache(tmp_path / "rt.cache") as cache:
+        engine = RtxEngine(
+            e["paths"]["vae_decoder"], family.stages["vae_decoder"], cache=cache, specialization="lazy"
+        )
+        for size in (2, 4, 8, 4, 2):  # new shapes first run on fallback kernels, then specialized ones
+            x = _inputs(family, "vae_decoder", size * family.granularity)
+            for _ in range(3):
+                got = engine(**x)["sample"].clone()
+            with torch.inference_mode():
+                want = family.stages["vae_decoder"].forward(e["modules"]["vae_decoder"], x)["sample"]
+            _close(got, want)
+
+
+def test_cuda_graphs_replay_gives_the_same_numbers(engines: dict[str, dict], tmp_path: Path) -> None:
+    e = engines["sd"]
+    family = e["family"]
+    with RuntimeCache(tmp_path / "rt.cache") as cache:
+        engine = RtxEngine(e["paths"]["unet"], family.stages["unet"], cache=cache, cuda_graphs=True)
+        x = _inputs(family, "unet", 4 * family.granularity)
+        first = engine(**x)["sample"].clone()
+        for step in range(5):  # captured once, replayed; inputs change in place as in the denoising loop
+            x["sample"].mul_(0.9)
+            got = engine(**x)["sample"]
+            with torch.inference_mode():
+                want = family.stages["unet"].forward(e["modules"]["unet"], x)["sample"]
+            _close(got, want)
+            assert step or not torch.equal(got, first)
+
+
+def test_runtime_cache_saves_and_loads(
+    engines: dict[str, dict], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    e = engines["sd"]
+    family = e["family"]
+    path = tmp_path / "rt.cache"
+    with RuntimeCache(path) as cache:
+        for stage in family.stages:  # one cache for every stage
+            engine = RtxEngine(e["paths"][stage], family.stages[stage], cache=cache, specialization="eager")
+            engine(**_inputs(family, stage, 4 * family.granularity))
+        torch.cuda.synchronize()
+    assert path.stat().st_size > 0
+    with caplog.at_level(logging.WARNING):
+        again = RuntimeCache(path)
+        RtxEngine(e["paths"]["unet"], family.stages["unet"], cache=again)
+    assert again.loaded_bytes > 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_out_of_profile_is_a_plain_error(engines: dict[str, dict]) -> None:
+    e = engines["sd"]
+    family = e["family"]
+    engine = RtxEngine(e["paths"]["vae_decoder"], family.stages["vae_decoder"], family=family)
+    with pytest.raises(
+        OutOfProfileError, match=r"height \d+ is outside the engine's .* range; rebuild with --max-size"
+    ):
+        engine(**_inputs(family, "vae_decoder", 16 * family.granularity))
+
+
+def test_damaged_engine_is_stale(engines: dict[str, dict], tmp_path: Path) -> None:
+    e = engines["sd"]
+    bad = tmp_path / "unet.engine"
+    data = bytearray(e["paths"]["unet"].read_bytes())
+    data[:64] = bytes(64)
+    bad.write_bytes(bytes(data))
+    with pytest.raises(StaleEngineError, match="rebuild"):
+        RtxEngine(bad, e["family"].stages["unet"])
