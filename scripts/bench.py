@@ -464,7 +464,11 @@ def measure_eager_and_diffusers(
             eager.peak_memory_gib = peak_memory_gib(setup.device)
             if "eager" in names:
                 results.append(eager)
-            if any(n in names for n in DIFFUSERS_CONFIGS):
+            wanted = [n for n in DIFFUSERS_CONFIGS if n in names]
+            dpipe = None
+            if wanted and not all(hasattr(e, "module") for e in pipe.backend.engines.values()):
+                results += [skipped(n, f"{pipe.backend.describe()} holds no torch modules") for n in wanted]
+            elif wanted:
                 dpipe = build_diffusers_pipeline(pipe)
                 for name, compile_denoiser in (("diffusers_eager", False), ("diffusers_compiled", True)):
                     if name not in names:
