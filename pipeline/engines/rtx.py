@@ -333,6 +333,7 @@ class RtxEngine:
         self.guard = ProfileGuard(stage, self.profile, family)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._buffers: dict[str, torch.Tensor] = {}
+        self._warned_default_stream = False
 
     def describe(self) -> str:
         graphs = "cuda graphs" if self.cuda_graphs else "no cuda graphs"
@@ -376,6 +377,13 @@ class RtxEngine:
             self.context.set_tensor_address(name, buf.data_ptr())
             out[stage_name] = buf
         stream = torch.cuda.current_stream(device).cuda_stream
+        if stream == 0 and not self._warned_default_stream:
+            self._warned_default_stream = True
+            logger.warning(
+                "%s runs on the legacy default CUDA stream: TensorRT-RTX then synchronizes around each call "
+                "and cannot capture CUDA graphs; run the pipeline under torch.cuda.stream(torch.cuda.Stream())",
+                self.stage.name,
+            )
         if not self.context.execute_async_v3(stream):
             raise RuntimeError(f"TensorRT-RTX failed to run {self.stage.name}: {self._logger.last_error()}")
         return out
