@@ -56,9 +56,13 @@ def parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
 def onnx_sha256(onnx_path: str | Path) -> str:
     """sha256 over the ONNX file and the external-data files it names (in name order)."""
     import onnx
+    from google.protobuf.message import DecodeError
 
     path = Path(onnx_path)
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError):  # not ONNX: hash the bytes; the parser says what is wrong
+        return sha256_file(path)
     data_files = sorted(
         {
             entry.value
@@ -135,8 +139,8 @@ def build_serialized(
     builder = trt.Builder(trt_logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    if not parser.parse_from_file(str(onnx_path)) or network.num_outputs == 0:
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or ["no graph outputs"]
         raise EngineBuildError(
             f"TensorRT-RTX cannot parse {onnx_path}: {'; '.join(errors) or trt_logger.last_error()}; "
             "re-export the ONNX (python -m export MODEL --out DIR --force)"
