@@ -9,15 +9,12 @@ the target device with a small random init (std 0.02) so activations stay finite
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .tiny import _write_clip_tokenizer, _write_t5_tokenizer
+from .tiny import _write_clip_tokenizer, _write_t5_tokenizer, write_folder_atomically
 
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
 
@@ -158,10 +155,8 @@ def make_architecture(name: str, folder: str | Path) -> Path:
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)}")
     spec = ARCHITECTURES[name]()
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         index: dict[str, Any] = {"_class_name": spec.pop("_class_name")}
         clip_vocab = _write_clip_tokenizer(tmp / "tokenizer")
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
@@ -186,14 +181,8 @@ def make_architecture(name: str, folder: str | Path) -> Path:
             )
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / RANDOM_WEIGHTS_MARKER).write_text(f"{name}: configs only, random weights made at load time\n")
-        if folder.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return write_folder_atomically(folder, fill)
 
 
 def _write_config(folder: Path, library: str, cls: str, config: dict[str, Any]) -> None:

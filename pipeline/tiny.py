@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -118,8 +119,26 @@ def _save(module: torch.nn.Module, folder: Path) -> None:
     module.save_pretrained(folder, safe_serialization=True)
 
 
+def _tiny_vae(**config: object) -> torch.nn.Module:
+    """An AutoencoderKL with the real 8x downsampling (4 levels) at 8 channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        **config,
+    )
+
+
 def _make_flux(folder: Path) -> None:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     clip_vocab = _write_clip_tokenizer(folder / "tokenizer")
@@ -155,20 +174,8 @@ def _make_flux(folder: Path) -> None:
         folder / "transformer",
     )
     _save(
-        AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=64,
-            scaling_factor=1.5035,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
+        _tiny_vae(
+            scaling_factor=1.5035, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
         ),
         folder / "vae",
     )
@@ -197,7 +204,7 @@ def _make_flux(folder: Path) -> None:
 
 
 def _make_sd(folder: Path) -> None:
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
 
     clip_vocab = _write_clip_tokenizer(folder / "tokenizer")
     _save(_clip_text_model(clip_vocab), folder / "text_encoder")
@@ -216,21 +223,7 @@ def _make_sd(folder: Path) -> None:
         ),
         folder / "unet",
     )
-    _save(
-        AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=4,
-            sample_size=64,
-            scaling_factor=0.18215,
-        ),
-        folder / "vae",
-    )
+    _save(_tiny_vae(scaling_factor=0.18215), folder / "vae")
     PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -267,18 +260,16 @@ def _diffusers_version() -> str:
 _MAKERS = {"tiny-flux": _make_flux, "tiny-sd": _make_sd}
 
 
-def make_tiny_model(name: str, folder: str | Path, seed: int = 0) -> Path:
-    """Write the built-in random-weight model `name` ('tiny-flux' or 'tiny-sd') to `folder`, atomically."""
-    if name not in _MAKERS:
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(_MAKERS)}")
+def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Make `folder` by `fill(temp_folder)` then one rename, so no half-made model folder is ever seen.
+
+    If another process finished the same folder first, theirs is kept."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            _MAKERS[name](tmp)
-        if folder.exists():  # another process finished first: keep theirs
+        fill(tmp)
+        if folder.exists():
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, folder)
@@ -286,3 +277,16 @@ def make_tiny_model(name: str, folder: str | Path, seed: int = 0) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def make_tiny_model(name: str, folder: str | Path, seed: int = 0) -> Path:
+    """Write the built-in random-weight model `name` ('tiny-flux' or 'tiny-sd') to `folder`, atomically."""
+    if name not in _MAKERS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(_MAKERS)}")
+
+    def fill(tmp: Path) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            _MAKERS[name](tmp)
+
+    return write_folder_atomically(folder, fill)

@@ -144,6 +144,21 @@ class StageSpec:
         return out
 
 
+def vae_decode(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
+    """The `vae_decoder` stage of every family: AutoencoderKL.decode(latent)."""
+    return {"sample": module.decode(x["latent"], return_dict=False)[0]}
+
+
+def vae_decoder_stage(vae_config: Mapping[str, Any]) -> StageSpec:
+    return StageSpec(
+        "vae_decoder",
+        "vae",
+        (TensorSpec("latent", ("batch", vae_config["latent_channels"], "latent_height", "latent_width")),),
+        (TensorSpec("sample", ("batch", vae_config.get("out_channels", 3), "image_height", "image_width")),),
+        vae_decode,
+    )
+
+
 class Family(ABC):
     """A model family: its stages plus the math diffusers' own pipeline does around them.
 
@@ -161,6 +176,10 @@ class Family(ABC):
         self.stages: dict[str, StageSpec] = self._build_stages()
 
     # ---- shapes -----------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.source.configs["vae"]["block_out_channels"]) - 1)
+
     @property
     @abstractmethod
     def granularity(self) -> int:

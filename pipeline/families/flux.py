@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import DimRange, Family, ShapeRange, StageSpec, Tensors, TensorSpec
+from .base import DimRange, Family, ShapeRange, StageSpec, Tensors, TensorSpec, vae_decoder_stage
 from .text import tokenize
 
 logger = logging.getLogger(__name__)
@@ -43,18 +43,10 @@ def _transformer(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tens
     return {"noise_pred": out}
 
 
-def _vae_decode(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
-    return {"sample": module.decode(x["latent"], return_dict=False)[0]}
-
-
 class FluxFamily(Family):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
     denoiser = "transformer"
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.source.configs["vae"]["block_out_channels"]) - 1)
 
     @property
     def granularity(self) -> int:
@@ -82,7 +74,6 @@ class FluxFamily(Family):
         vae = cfg["vae"]
         in_ch = tcfg["in_channels"]
         out_ch = tcfg.get("out_channels") or in_ch
-        lat_ch = vae["latent_channels"]
         transformer_inputs = [
             TensorSpec("hidden_states", ("batch", "image_tokens", in_ch)),
             TensorSpec("encoder_hidden_states", ("batch", "text_tokens", tcfg["joint_attention_dim"])),
@@ -119,13 +110,7 @@ class FluxFamily(Family):
                 (TensorSpec("noise_pred", ("batch", "image_tokens", out_ch)),),
                 _transformer,
             ),
-            "vae_decoder": StageSpec(
-                "vae_decoder",
-                "vae",
-                (TensorSpec("latent", ("batch", lat_ch, "latent_height", "latent_width")),),
-                (TensorSpec("sample", ("batch", vae.get("out_channels", 3), "image_height", "image_width")),),
-                _vae_decode,
-            ),
+            "vae_decoder": vae_decoder_stage(vae),
         }
 
     # ---- shapes -----------------------------------------------------------------------------------------

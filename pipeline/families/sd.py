@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError
-from .base import DimRange, Family, ShapeRange, StageSpec, Tensors, TensorSpec
+from .base import DimRange, Family, ShapeRange, StageSpec, Tensors, TensorSpec, vae_decoder_stage
 from .text import tokenize
 
 
@@ -28,18 +28,10 @@ def _unet(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
     return {"noise_pred": out[0]}
 
 
-def _vae_decode(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
-    return {"sample": module.decode(x["latent"], return_dict=False)[0]}
-
-
 class StableDiffusionFamily(Family):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
     denoiser = "unet"
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.source.configs["vae"]["block_out_channels"]) - 1)
 
     @property
     def granularity(self) -> int:
@@ -88,18 +80,12 @@ class StableDiffusionFamily(Family):
                 ),
                 (
                     TensorSpec(
-                        "sample", ("unet_batch", unet["out_channels"], "latent_height", "latent_width")
+                        "noise_pred", ("unet_batch", unet["out_channels"], "latent_height", "latent_width")
                     ),
                 ),
                 _unet,
             ),
-            "vae_decoder": StageSpec(
-                "vae_decoder",
-                "vae",
-                (TensorSpec("latent", ("batch", vae["latent_channels"], "latent_height", "latent_width")),),
-                (TensorSpec("sample", ("batch", vae.get("out_channels", 3), "image_height", "image_width")),),
-                _vae_decode,
-            ),
+            "vae_decoder": vae_decoder_stage(vae),
         }
 
     # ---- shapes -----------------------------------------------------------------------------------------

@@ -1,0 +1,41 @@
+"""The family specs: the one place stage names and dims are defined must be usable by every consumer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.families import ShapeRange, family_for
+from pipeline.loading import read_model
+
+
+@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sd"])
+def test_tensor_names_are_unique_per_stage(model: str, request: pytest.FixtureRequest) -> None:
+    """ONNX and TensorRT need every tensor name in a graph to be unique (inputs and outputs together)."""
+    family = family_for(read_model(request.getfixturevalue(model)))
+    for stage in family.stages.values():
+        names = stage.input_names + stage.output_names
+        assert len(names) == len(set(names)), stage.name
+
+
+@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sd"])
+def test_profiles_cover_the_dims_of_requests_in_range(model: str, request: pytest.FixtureRequest) -> None:
+    family = family_for(read_model(request.getfixturevalue(model)))
+    g = family.granularity
+    shape_range = ShapeRange(
+        min_size=(g * 2, g * 2), opt_size=(g * 4, g * 4), max_size=(g * 6, g * 8), max_batch=2
+    )
+    ranges = family.dim_ranges(shape_range)
+    for stage in family.stages.values():
+        assert set(stage.dim_names) <= set(ranges), stage.name
+    dims = family.dims(g * 5, g * 7, 2)
+    for name, value in dims.items():
+        if name in ranges:
+            assert value in ranges[name], name
+
+
+def test_denoiser_output_is_noise_pred(tiny_flux: Path, tiny_sd: Path) -> None:
+    for folder in (tiny_flux, tiny_sd):
+        family = family_for(read_model(folder))
+        assert family.stages[family.denoiser].output_names == ["noise_pred"]
