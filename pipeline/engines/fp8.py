@@ -1,0 +1,91 @@
+"""fp8 dynamic quantization of Linear layers (float8_e4m3fn, through torch._scaled_mm).
+
+Weights are quantized once with one scale per output channel; activations are quantized on every call
+with one scale per row (token), so an outlier token does not crush the others. Inside a compiled region the
+activation quantization (amax, divide, cast) fuses into one kernel before the fp8 matrix product.
+Needs a GPU with fp8 matrix units (compute capability 8.9 or newer).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+MIN_FEATURES = 512  # smaller layers gain nothing from fp8 and lose accuracy
+
+
+def fp8_supported(device: torch.device) -> tuple[bool, str]:
+    """Whether `device` has fp8 matrix units, and why not when it has none."""
+    if device.type != "cuda":
+        return False, f"fp8 needs a CUDA GPU with compute capability 8.9 or newer; device is {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return False, f"fp8 needs compute capability 8.9 or newer; this GPU has {major}.{minor}"
+    return True, f"compute capability {major}.{minor}"
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> fp8 values and (M, 1) float32 scales with x ~= q * scale."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+class Fp8Linear(nn.Module):
+    """A Linear whose matrix product runs in fp8 with row-wise activation and per-channel weight scales."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.out_dtype = linear.weight.dtype
+        q, scale = _quantize_rows(linear.weight.detach())  # (N, K): one scale per output channel
+        self.register_buffer("weight_fp8", q)
+        self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # (1, N)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q, scale = _quantize_rows(x.reshape(-1, self.in_features))
+        out = torch._scaled_mm(
+            q,
+            self.weight_fp8.t(),  # (K, N) column-major, as cuBLASLt wants it
+            scale_a=scale,
+            scale_b=self.weight_scale,
+            bias=self.bias,
+            out_dtype=self.out_dtype,
+        )
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 row-wise"
+
+
+def _eligible(name: str, linear: nn.Linear) -> bool:
+    if "norm" in name:  # adaLN modulation: one row per image, nothing to gain
+        return False
+    n, k = linear.out_features, linear.in_features
+    return n >= MIN_FEATURES and k >= MIN_FEATURES and n % 16 == 0 and k % 16 == 0
+
+
+def quantize_linears(module: nn.Module, within: tuple[type, ...] | None = None) -> int:
+    """Replace the eligible nn.Linear layers of `module` (inside blocks of types `within`, when given) by
+    Fp8Linear, in place. Returns how many were replaced."""
+    count = 0
+    roots = [m for m in module.modules() if within is None or isinstance(m, within)] or [module]
+    for root in roots:
+        for parent_name, parent in list(root.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                full = f"{parent_name}.{child_name}" if parent_name else child_name
+                if type(child) is nn.Linear and _eligible(full, child):
+                    setattr(parent, child_name, Fp8Linear(child))
+                    count += 1
+    logger.info("fp8: quantized %d linear layers", count)
+    return count

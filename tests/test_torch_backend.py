@@ -1,0 +1,93 @@
+"""The torch backend: options, compiled regions equal the eager path, the compile cache survives processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import InvalidInputError
+from pipeline.pipeline import Pipeline
+
+KW = {"height": 32, "width": 32, "num_inference_steps": 2, "output_type": "np"}
+
+
+def _images(pipe: Pipeline) -> np.ndarray:
+    pipe.progress = False
+    return pipe("a cat", generator=torch.Generator().manual_seed(0), **KW).images
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"bogus": 1}, "unknown torch backend option"),
+        ({"specialization": "sometimes"}, "specialization must be one of"),
+        ({"precision": "int4"}, "precision must be one of"),
+        ({"precision": "fp8"}, "fp8"),
+        ({"cuda_graphs": True}, "cuda_graphs needs a CUDA device"),
+        ({"compile": "yes"}, "must be true or false"),
+    ],
+)
+def test_options_are_validated(tiny_sd: Path, tmp_path: Path, options: dict, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        Pipeline.from_pretrained(tiny_sd, backend="torch", device="cpu", cache_dir=tmp_path, **options)
+
+
+def test_cpu_defaults_are_eager_and_expose_the_model_cache(tiny_sd: Path, tmp_path: Path) -> None:
+    pipe = Pipeline.from_pretrained(tiny_sd, backend="torch", device="cpu", cache_dir=tmp_path)
+    assert pipe.backend.describe().startswith("torch (eager")
+    assert pipe.backend.model_cache.runtime_cache_path.is_relative_to(tmp_path)
+
+
+WARM = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from pipeline.pipeline import Pipeline
+pipe = Pipeline.from_pretrained(sys.argv[1], backend="torch", device="cpu", dtype=torch.float32,
+                                cache_dir=sys.argv[2], compile=True, specialization="none")
+pipe.progress = False
+images = pipe("a cat", generator=torch.Generator().manual_seed(0), height=32, width=32,
+              num_inference_steps=2, output_type="np").images
+json.dump({"artifacts": pipe.backend.stats.cache_artifacts,
+           "hits": counters["inductor"]["fxgraph_cache_hit"],
+           "max": float(abs(images).max())}, open(sys.argv[3], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager_and_cache_warms_a_second_process(
+    tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor1"))
+    eager = _images(
+        Pipeline.from_pretrained(
+            tiny_sd, backend="torch", device="cpu", dtype=torch.float32, cache_dir=tmp_path
+        )
+    )
+    pipe = Pipeline.from_pretrained(
+        tiny_sd,
+        backend="torch",
+        device="cpu",
+        dtype=torch.float32,
+        cache_dir=tmp_path,
+        compile=True,
+        specialization="none",
+    )
+    compiled = _images(pipe)
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)
+    pipe.close()
+    cache = pipe.backend.model_cache.runtime_cache_path
+    assert cache.is_file() and cache.stat().st_size > 0
+
+    # a second process with an empty Inductor folder starts from our cache file
+    out = tmp_path / "warm.json"
+    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor2")}
+    subprocess.run([sys.executable, "-c", WARM, str(tiny_sd), str(tmp_path), str(out)], check=True, env=env)
+    warm = json.loads(out.read_text())
+    assert warm["artifacts"] > 0
+    assert warm["hits"] > 0
