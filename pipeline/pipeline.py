@@ -7,9 +7,11 @@ how each stage runs (TensorRT-RTX or torch) in pipeline/engines/.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,9 @@ class Pipeline:
         self.dtype = backend.dtype
         self.progress = True
         self.model_cache: ModelCache | None = None  # where this model's ONNX, engines and caches live
+        # One CUDA stream for every engine and torch op of a call (never the legacy default stream, which
+        # makes TensorRT synchronize around each call and forbids graph capture).
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @classmethod
     def from_pretrained(
@@ -150,7 +155,6 @@ class Pipeline:
         return pipe
 
     # ---- the call ---------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def __call__(
         self,
         prompt: str | list[str],
@@ -166,78 +170,91 @@ class Pipeline:
         output_type: str = "pil",
         max_sequence_length: int = 512,
     ) -> PipelineOutput:
-        family = self.family
-        prompts, negatives = self._check_prompts(prompt, negative_prompt)
-        height = family.default_size if height is None else height
-        width = family.default_size if width is None else width
-        steps = num_inference_steps if num_inference_steps is not None else family.default_steps
-        guidance = guidance_scale if guidance_scale is not None else family.default_guidance
-        check_request(family, height, width, steps, num_images_per_prompt, output_type)
-        batch = len(prompts) * num_images_per_prompt
-        if generator is None:
-            seed = seed if seed is not None else random.randrange(2**63)
-            generator = torch.Generator("cpu").manual_seed(seed)
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
+        """Generate images for `prompt` (a string or a list), with diffusers' argument names and defaults
+        taken from the model (size, steps, guidance). `seed` is used when no `generator` is given."""
+        with self._on_stream():
+            family = self.family
+            prompts, negatives = self._check_prompts(prompt, negative_prompt)
+            height = family.default_size if height is None else height
+            width = family.default_size if width is None else width
+            steps = num_inference_steps if num_inference_steps is not None else family.default_steps
+            guidance = guidance_scale if guidance_scale is not None else family.default_guidance
+            check_request(family, height, width, steps, num_images_per_prompt, output_type)
+            batch = len(prompts) * num_images_per_prompt
+            if generator is None:
+                seed = seed if seed is not None else random.randrange(2**63)
+                generator = torch.Generator("cpu").manual_seed(seed)
+            timings: dict[str, float] = {}
+            clock = time.perf_counter()
 
-        # 1. encode the prompt
-        text = family.encode_prompt(
-            self._run_stage,
-            prompts,
-            negatives,
-            guidance,
-            num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
-        )
-        clock = self._lap(timings, "text_encoders", clock)
-
-        # 2. initial noise, drawn as diffusers draws it
-        from diffusers.utils.torch_utils import randn_tensor
-
-        noise = randn_tensor(
-            family.latent_shape(batch, height, width),
-            generator=generator,
-            device=self.device,
-            dtype=self.dtype,
-        )
-        x0 = family.pack_latents(noise, height, width)
-
-        # 3. the schedule as coefficient tables (schedule.py), then the loop over static buffers
-        schedule = plan_schedule(
-            self.source.scheduler,
-            steps,
-            begin_index=family.name == "flux",
-            **family.schedule_kwargs(height, width, steps),
-        )
-        cond = family.denoiser_conditioning(text, height, width, batch, guidance)
-        state = DenoiseState.create(family, schedule, x0, cond, self.dtype)
-        denoiser = self.backend.engines[family.denoiser]
-        with tqdm(total=state.num_steps, desc="denoising", disable=not self.progress, leave=False) as bar:
-            state = self.backend.denoise(
-                state, lambda s: make_step(family, denoiser, s, guidance, self.dtype), bar.update
+            # 1. encode the prompt
+            text = family.encode_prompt(
+                self._run_stage,
+                prompts,
+                negatives,
+                guidance,
+                num_images_per_prompt,
+                max_sequence_length=max_sequence_length,
             )
-        latents = final_latents(state, self.dtype)
-        clock = self._lap(timings, "denoise", clock)
+            clock = self._lap(timings, "text_encoders", clock)
 
-        # 4. decode
-        if output_type == "latent":
-            images: Any = latents
-        else:
-            latent = family.decoder_input(latents, height, width).to(self.dtype)
-            decoded = self._run_stage("vae_decoder", {"latent": latent})["sample"]
-            array = (decoded / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
-            images = array if output_type == "np" else _to_pil(array)
-        self._lap(timings, "vae_decoder", clock)
-        timings["total"] = sum(timings.values())
-        settings = {
-            "height": height,
-            "width": width,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-        }
-        return PipelineOutput(images=images, timings=timings, seed=seed, settings=settings)
+            # 2. initial noise, drawn as diffusers draws it
+            from diffusers.utils.torch_utils import randn_tensor
+
+            noise = randn_tensor(
+                family.latent_shape(batch, height, width),
+                generator=generator,
+                device=self.device,
+                dtype=self.dtype,
+            )
+            x0 = family.pack_latents(noise, height, width)
+
+            # 3. the schedule as coefficient tables (schedule.py), then the loop over static buffers
+            schedule = plan_schedule(
+                self.source.scheduler,
+                steps,
+                begin_index=family.name == "flux",
+                **family.schedule_kwargs(height, width, steps),
+            )
+            cond = family.denoiser_conditioning(text, height, width, batch, guidance)
+            state = DenoiseState.create(family, schedule, x0, cond, self.dtype)
+            denoiser = self.backend.engines[family.denoiser]
+            with tqdm(total=state.num_steps, desc="denoising", disable=not self.progress, leave=False) as bar:
+                state = self.backend.denoise(
+                    state, lambda s: make_step(family, denoiser, s, guidance, self.dtype), bar.update
+                )
+            latents = final_latents(state, self.dtype)
+            clock = self._lap(timings, "denoise", clock)
+
+            # 4. decode
+            if output_type == "latent":
+                images: Any = latents
+            else:
+                latent = family.decoder_input(latents, height, width).to(self.dtype)
+                decoded = self._run_stage("vae_decoder", {"latent": latent})["sample"]
+                array = (decoded / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+                images = array if output_type == "np" else _to_pil(array)
+            self._lap(timings, "vae_decoder", clock)
+            timings["total"] = sum(timings.values())
+            settings = {
+                "height": height,
+                "width": width,
+                "num_inference_steps": steps,
+                "guidance_scale": guidance,
+            }
+            return PipelineOutput(images=images, timings=timings, seed=seed, settings=settings)
 
     # ---- helpers ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _on_stream(self) -> Iterator[None]:
+        """Inference mode, on the pipeline's own CUDA stream where there is one."""
+        with torch.inference_mode():
+            if self.stream is None:
+                yield
+            else:
+                with torch.cuda.stream(self.stream):
+                    yield
+
     def _run_stage(self, stage: str, inputs: Tensors) -> Tensors:
         spec = self.family.stages[stage]
         moved = {}
