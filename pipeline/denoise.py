@@ -26,12 +26,19 @@ class DenoiseState:
     in_coef: torch.Tensor  # (K, K+1) float32
     out_coef: torch.Tensor  # (K+1,) float32
     timesteps: torch.Tensor  # (K,) in the denoiser's timestep dtype
-    cond: Tensors  # static denoiser inputs (text embeddings, ids, guidance)
+    cond: Tensors  # static denoiser inputs (text embeddings, ids, guidance embedding input)
+    guidance: torch.Tensor  # () float32: classifier-free guidance scale (used where the family guides)
     index: torch.Tensor  # () int64: the step being run
 
     @classmethod
     def create(
-        cls, family: Family, schedule: Schedule, x0: torch.Tensor, cond: Tensors, dtype: torch.dtype
+        cls,
+        family: Family,
+        schedule: Schedule,
+        x0: torch.Tensor,
+        cond: Tensors,
+        guidance_scale: float,
+        dtype: torch.dtype,
     ) -> DenoiseState:
         device = x0.device
         k = schedule.num_evaluations
@@ -43,8 +50,40 @@ class DenoiseState:
             out_coef=schedule.out_coef.to(device=device, dtype=torch.float32),
             timesteps=family.timestep_values(schedule.timesteps, dtype).to(device),
             cond=cond,
+            guidance=torch.tensor(guidance_scale, device=device, dtype=torch.float32),
             index=torch.zeros((), device=device, dtype=torch.int64),
         )
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Every tensor a step reads or writes, by name: what a captured graph depends on."""
+        fixed = {
+            "history": self.history,
+            "in_coef": self.in_coef,
+            "out_coef": self.out_coef,
+            "timesteps": self.timesteps,
+            "guidance": self.guidance,
+            "index": self.index,
+        }
+        return fixed | {f"cond.{name}": t for name, t in sorted(self.cond.items())}
+
+    def clone(self) -> DenoiseState:
+        """Buffers of the same shapes (for a graph's static state), with the step index at 0."""
+        return DenoiseState(
+            history=self.history.clone(),
+            in_coef=self.in_coef.clone(),
+            out_coef=self.out_coef.clone(),
+            timesteps=self.timesteps.clone(),
+            cond={name: t.clone() for name, t in self.cond.items()},
+            guidance=self.guidance.clone(),
+            index=torch.zeros_like(self.index),
+        )
+
+    def load(self, other: DenoiseState) -> None:
+        """Copy `other`'s values into these buffers (same shapes) and reset the step index."""
+        mine, theirs = self.buffers(), other.buffers()
+        for name, tensor in mine.items():
+            tensor.copy_(theirs[name])
+        self.index.zero_()
 
     @property
     def num_steps(self) -> int:
@@ -56,11 +95,7 @@ class DenoiseState:
 
 
 def make_step(
-    family: Family,
-    denoiser: Callable[..., Tensors],
-    state: DenoiseState,
-    guidance_scale: float,
-    dtype: torch.dtype,
+    family: Family, denoiser: Callable[..., Tensors], state: DenoiseState, dtype: torch.dtype
 ) -> Callable[[], None]:
     """One denoising step over `state`'s buffers; advances `state.index`."""
 
@@ -69,7 +104,7 @@ def make_step(
         x = state.latents(state.in_coef.index_select(0, k)[0]).to(dtype)
         t = state.timesteps.index_select(0, k)
         out = denoiser(**family.denoiser_inputs(x, t, state.cond))["noise_pred"]
-        guided = family.guide(out, guidance_scale)
+        guided = family.guide(out, state.guidance, x.shape[0])
         state.history.index_copy_(0, k + 1, guided.unsqueeze(0).to(torch.float32))
         state.index.add_(1)
 

@@ -217,11 +217,11 @@ class Pipeline:
                 **family.schedule_kwargs(height, width, steps),
             )
             cond = family.denoiser_conditioning(text, height, width, batch, guidance)
-            state = DenoiseState.create(family, schedule, x0, cond, self.dtype)
+            state = DenoiseState.create(family, schedule, x0, cond, guidance, self.dtype)
             denoiser = self.backend.engines[family.denoiser]
             with tqdm(total=state.num_steps, desc="denoising", disable=not self.progress, leave=False) as bar:
                 state = self.backend.denoise(
-                    state, lambda s: make_step(family, denoiser, s, guidance, self.dtype), bar.update
+                    state, lambda s: make_step(family, denoiser, s, self.dtype), bar.update
                 )
             latents = final_latents(state, self.dtype)
             clock = self._lap(timings, "denoise", clock)

@@ -38,18 +38,22 @@ _PLUMBING = ("cache_dir", "model_cache")  # passed by the pipeline, not by users
 # minutes per shape; Inductor's own CUDA graphs stay off (we capture the whole step ourselves).
 COMPILE_KWARGS: dict[str, Any] = {"fullgraph": True}
 CPU_COMPILE_KWARGS: dict[str, Any] = {"fullgraph": True}
-# Attention kernels on CUDA: None keeps torch's choice (flash attention 2); "cudnn" prefers cuDNN's fused
-# attention, which is faster on Hopper. scripts/bench_torch.py measures both on the GPU at hand.
-ATTENTION: str | None = None
+# Attention kernels on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms
+# against flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
+# scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere. "cudnn" forces it; None never touches it.
+ATTENTION: str | None = "auto"
 
 
 def _choose_attention(device: torch.device) -> None:
-    if device.type == "cuda" and ATTENTION == "cudnn":
-        # process-wide: torch's SDPA flags are global, and must not change between compile and capture
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        torch.backends.cuda.enable_flash_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        logger.info("attention: cuDNN fused attention")
+    if device.type != "cuda" or ATTENTION is None:
+        return
+    if ATTENTION == "auto" and torch.cuda.get_device_capability(device) < (9, 0):
+        return
+    # process-wide: torch's SDPA flags are global, and must not change between compile and capture
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    logger.info("attention: cuDNN fused attention (faster on this GPU than flash attention)")
 
 
 @dataclass(frozen=True)
@@ -136,14 +140,7 @@ class _Graph:
     denoiser_key: ShapeKey | None
 
     def load(self, state: DenoiseState) -> None:
-        s = self.state
-        s.history.copy_(state.history)
-        s.in_coef.copy_(state.in_coef)
-        s.out_coef.copy_(state.out_coef)
-        s.timesteps.copy_(state.timesteps)
-        for name, value in state.cond.items():
-            s.cond[name].copy_(value)
-        s.index.zero_()
+        self.state.load(state)
 
 
 @dataclass
@@ -329,7 +326,7 @@ class TorchBackend(Backend):
     def _graph_for(
         self, state: DenoiseState, make_step: Callable[[DenoiseState], Callable[[], None]]
     ) -> _Graph:
-        key = _graph_key(state, make_step)
+        key = _graph_key(state)
         graph = self._graphs.get(key)
         regions = self._denoiser_regions()
         if graph is not None and regions is not None and graph.denoiser_key is not None:
@@ -349,7 +346,7 @@ class TorchBackend(Backend):
         self, state: DenoiseState, make_step: Callable[[DenoiseState], Callable[[], None]]
     ) -> _Graph:
         start = time.perf_counter()
-        static = _static_copy(state)
+        static = state.clone()
         step = make_step(static)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -378,37 +375,10 @@ class TorchBackend(Backend):
             regions.wait()
 
 
-def _static_copy(state: DenoiseState) -> DenoiseState:
-    from ..denoise import DenoiseState
-
-    return DenoiseState(
-        history=state.history.clone(),
-        in_coef=state.in_coef.clone(),
-        out_coef=state.out_coef.clone(),
-        timesteps=state.timesteps.clone(),
-        cond={name: value.clone() for name, value in state.cond.items()},
-        index=torch.zeros_like(state.index),
-    )
-
-
-def _graph_key(state: DenoiseState, make_step: Callable[..., Any]) -> tuple[Any, ...]:
-    """Shapes and dtypes of every buffer, plus the Python scalars the step closes over (guidance scale,
-    dtype): anything baked into a captured graph must be part of its key."""
-    tensors = [("history", state.history), ("in_coef", state.in_coef), ("timesteps", state.timesteps)]
-    tensors += sorted(state.cond.items())
-    shapes = tuple((name, tuple(t.shape), t.dtype) for name, t in tensors)
-    return (shapes, _closure_scalars(make_step))
-
-
-def _closure_scalars(fn: Callable[..., Any]) -> tuple[Any, ...]:
-    cells = getattr(fn, "__closure__", None) or ()
-    out = []
-    for cell in cells:
-        with contextlib.suppress(ValueError):
-            value = cell.cell_contents
-            if isinstance(value, bool | int | float | str | torch.dtype):
-                out.append(value)
-    return tuple(out)
+def _graph_key(state: DenoiseState) -> tuple[Any, ...]:
+    """Shapes and dtypes of every buffer the step reads or writes: one captured graph per key. Values
+    (noise, text embeddings, guidance scale, schedule) are copied into the graph's buffers per call."""
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in state.buffers().items())
 
 
 def _artifact_count(info: Any) -> int:

@@ -248,8 +248,9 @@ class Family(ABC):
         """Inputs of the denoiser stage for one step; no host sync, no data-dependent branching."""
 
     @abstractmethod
-    def guide(self, output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """Denoiser output -> the model output the scheduler sees (classifier-free guidance where used)."""
+    def guide(self, output: torch.Tensor, guidance_scale: torch.Tensor, batch: int) -> torch.Tensor:
+        """Denoiser output -> the model output the scheduler sees (classifier-free guidance where the
+        denoiser ran on 2 x batch: [uncond, cond]). `guidance_scale` is a device tensor."""
 
     @abstractmethod
     def timestep_values(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

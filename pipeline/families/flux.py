@@ -206,7 +206,7 @@ class FluxFamily(Family):
     def denoiser_inputs(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Tensors) -> Tensors:
         return dict(cond, hidden_states=latents, timestep=timestep.expand(latents.shape[0]))
 
-    def guide(self, output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    def guide(self, output: torch.Tensor, guidance_scale: torch.Tensor, batch: int) -> torch.Tensor:
         return output
 
     def timestep_values(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -169,8 +169,8 @@ class StableDiffusionFamily(Family):
             "encoder_hidden_states": embeds,
         }
 
-    def guide(self, output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        if not self.uses_cfg(guidance_scale):
+    def guide(self, output: torch.Tensor, guidance_scale: torch.Tensor, batch: int) -> torch.Tensor:
+        if output.shape[0] == batch:  # no classifier-free guidance
             return output
         uncond, cond = output.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
