@@ -1,7 +1,8 @@
 """The torch backend: each stage is the diffusers module itself, made fast three ways.
 
-1. Compiled stages: regional torch.compile over the denoiser's repeated blocks and the VAE decoder's resnets,
-   with adaptive shape specialization (torch_compile.py).
+1. Compiled stages: regional torch.compile over the denoiser's repeated blocks, with adaptive shape
+   specialization (torch_compile.py); the VAE decoder's resnets too where COMPILE_VAE is set (measured: not
+   worth its compile time, see below).
 2. A CUDA graph of the whole denoising step (denoiser + guidance + schedule update), captured once per shape
    over static buffers and replayed for every step: no host sync, no per-kernel launch cost in the loop.
 3. A persistent compile cache: Inductor's artifacts (torch.compiler.save_cache_artifacts) in the model's one
@@ -38,6 +39,10 @@ _PLUMBING = ("cache_dir", "model_cache")  # passed by the pipeline, not by users
 # minutes per shape; Inductor's own CUDA graphs stay off (we capture the whole step ourselves).
 COMPILE_KWARGS: dict[str, Any] = {"fullgraph": True}
 CPU_COMPILE_KWARGS: dict[str, Any] = {"fullgraph": True}
+# The VAE decoder stays eager: on an H100 (FLUX-dev, 512x512, 2026-11-24, scripts/bench.py) compiling it took
+# 42-45 s of a 59 s first call and its dynamic-shape graphs mostly missed the persistent cache, for a decode
+# of 0.018 s compiled vs 0.024 s eager. Set True to compile it anyway.
+COMPILE_VAE = False
 # Attention kernels on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms
 # against flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
 # scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere. "cudnn" forces it; None never touches it.
@@ -207,8 +212,8 @@ class TorchBackend(Backend):
             vae = modules["vae"]
             if cuda:
                 vae.to(memory_format=torch.channels_last)
-            # the decoder runs once per image: generic kernels only, no second compile per shape
-            self.regions["vae"] = Regions(vae.decoder, Specialization.NONE, kwargs)
+            if COMPILE_VAE:  # the decoder runs once per image: generic kernels only, no compile per shape
+                self.regions["vae"] = Regions(vae.decoder, Specialization.NONE, kwargs)
         logger.info(
             "torch.compile: %d denoiser regions, %d VAE decoder regions, specialization %s",
             self.regions[denoiser].count,
