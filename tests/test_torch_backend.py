@@ -91,3 +91,28 @@ def test_compiled_equals_eager_and_cache_warms_a_second_process(
     warm = json.loads(out.read_text())
     assert warm["artifacts"] > 0
     assert warm["hits"] > 0
+
+
+def test_default_specialization_is_none_and_lazy_is_an_option() -> None:
+    """The measured winner on the H100 (generic kernels as fast as specialized ones) is the default."""
+    from pipeline.engines.base import Specialization
+    from pipeline.engines.torch_engine import TorchOptions
+
+    cpu = torch.device("cpu")
+    assert TorchOptions.parse(cpu, {}).specialization is Specialization.NONE
+    assert TorchOptions.parse(cpu, {"specialization": "lazy"}).specialization is Specialization.LAZY
+
+
+def test_compiled_call_during_a_background_trace_runs_instead_of_raising() -> None:
+    """A lazy specialization traces in another thread; a compiled call meanwhile must still run."""
+    import torch.fx._symbolic_trace as symbolic_trace
+    from pipeline.engines.torch_compile import configure_dynamo
+
+    configure_dynamo()
+    fn = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    previous = symbolic_trace._is_fx_tracing_flag
+    symbolic_trace._is_fx_tracing_flag = True  # what a trace in another thread leaves set
+    try:
+        assert torch.equal(fn(torch.ones(3)), torch.full((3,), 3.0))
+    finally:
+        symbolic_trace._is_fx_tracing_flag = previous

@@ -233,5 +233,8 @@ def _describe(key: ShapeKey) -> str:
 def configure_dynamo() -> None:
     """Room for one compiled entry per shape and block class."""
     cfg = torch._dynamo.config
+    # A lazy specialization traces in a background thread, and FX's "tracing now" flag is process-wide: a
+    # compiled call made meanwhile on the request's thread must run eager instead of raising.
+    cfg.error_on_nested_fx_trace = False
     cfg.recompile_limit = max(cfg.recompile_limit, 64)
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)

@@ -43,6 +43,12 @@ CPU_COMPILE_KWARGS: dict[str, Any] = {"fullgraph": True}
 # 42-45 s of a 59 s first call and its dynamic-shape graphs mostly missed the persistent cache, for a decode
 # of 0.018 s compiled vs 0.024 s eager. Set True to compile it anyway.
 COMPILE_VAE = False
+# Shape specialization on the torch backend: "none" by default, measured. On an H100 (FLUX-dev, 2026-11-23,
+# scripts/gpu_check.py) generic dynamic-shape kernels ran 1024x1024 in 3.80 s and specialized ones in 3.83 s,
+# 512x512 in 1.209 s both; "eager" blocks 9-24 s per new shape, and "lazy" compiles in a thread that competes
+# for the CPU with the request being served (dynamo tracing is not thread-safe: calls made while it traces
+# run eager). Both stay available as options.
+DEFAULT_SPECIALIZATION = Specialization.NONE
 # Attention kernels on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms
 # against flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
 # scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere. "cudnn" forces it; None never touches it.
@@ -84,7 +90,7 @@ class TorchOptions:
             raise InvalidInputError(
                 f"cuda_graphs needs a CUDA device, this is {device.type}; drop --cuda-graphs"
             )
-        spec = options.get("specialization") or Specialization.LAZY
+        spec = options.get("specialization") or DEFAULT_SPECIALIZATION
         try:
             specialization = Specialization(spec)
         except ValueError:
