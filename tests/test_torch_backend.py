@@ -106,6 +106,7 @@ def test_default_specialization_is_none_and_lazy_is_an_option() -> None:
 def test_compiled_call_during_a_background_trace_runs_instead_of_raising() -> None:
     """A lazy specialization traces in another thread; a compiled call meanwhile must still run."""
     import torch.fx._symbolic_trace as symbolic_trace
+
     from pipeline.engines.torch_compile import configure_dynamo
 
     configure_dynamo()
