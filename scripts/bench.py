@@ -215,15 +215,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def reset_peak_memory(device: torch.device) -> int:
+    """Reset the peak counter; return the bytes allocated now (what earlier configurations still hold)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
-def peak_memory_gib(device: torch.device) -> float | None:
+def peak_memory_gib(device: torch.device, baseline: int) -> float | None:
+    """Peak GPU memory of one configuration: its weights and work, above what was allocated before it loaded
+    (in one process, memory an earlier configuration leaves behind must not count against the next)."""
     if device.type != "cuda":
         return None
-    return torch.cuda.max_memory_allocated(device) / GIB
+    return (torch.cuda.max_memory_allocated(device) - baseline) / GIB
 
 
 def free_memory(device: torch.device) -> None:
@@ -355,7 +360,7 @@ def measure_ours(setup: Setup, name: str, reference: np.ndarray | None) -> Confi
         return skipped(name, "CUDA graphs need a CUDA device", options=options)
     folder = setup.config_dir(name)
     with fresh_compile_caches(folder):
-        reset_peak_memory(setup.device)
+        baseline = reset_peak_memory(setup.device)
         try:
             pipe, load_s = setup.load(options, folder / "cache")
         except InvalidInputError as e:
@@ -378,7 +383,7 @@ def measure_ours(setup: Setup, name: str, reference: np.ndarray | None) -> Confi
                     call, _ = call_ours(pipe, setup.request, height, width)
                     result.new_size_calls.append(call)
                 logger.info("%s: new size %dx%d first %.3f s", name, height, width, call.seconds)
-            result.peak_memory_gib = peak_memory_gib(setup.device)
+            result.peak_memory_gib = peak_memory_gib(setup.device, baseline)
         finally:
             finish(pipe, result)
             del pipe
@@ -425,8 +430,14 @@ def compile_diffusers_denoiser(dpipe: Any) -> str:
 
 
 def measure_diffusers(
-    setup: Setup, name: str, dpipe: Any, reference: np.ndarray | None, compile_denoiser: bool
+    setup: Setup,
+    name: str,
+    dpipe: Any,
+    reference: np.ndarray | None,
+    compile_denoiser: bool,
+    baseline: int,
 ) -> ConfigResult:
+    """`baseline`: bytes allocated before the shared modules were loaded (they count for diffusers too)."""
     result = ConfigResult(name, LABELS[name])
     reset_peak_memory(setup.device)
     if compile_denoiser:
@@ -437,7 +448,7 @@ def measure_diffusers(
         result.calls.append(call)
         logger.info("%s: call %d/%d %.3f s", name, i + 1, setup.iterations, call.seconds)
     result.max_abs_diff = max_abs_diff(images, reference)
-    result.peak_memory_gib = peak_memory_gib(setup.device)
+    result.peak_memory_gib = peak_memory_gib(setup.device, baseline)
     return result
 
 
@@ -450,7 +461,7 @@ def measure_eager_and_diffusers(
     folder = setup.config_dir("eager")
     results: list[ConfigResult] = []
     with fresh_compile_caches(folder):
-        reset_peak_memory(setup.device)
+        baseline = reset_peak_memory(setup.device)
         pipe, load_s = setup.load(options, folder / "cache")
         try:
             eager = ConfigResult(
@@ -461,7 +472,7 @@ def measure_eager_and_diffusers(
                 call, reference = call_ours(pipe, setup.request)
                 eager.calls.append(call)
                 logger.info("eager: call %d/%d %.3f s", i + 1, setup.iterations, call.seconds)
-            eager.peak_memory_gib = peak_memory_gib(setup.device)
+            eager.peak_memory_gib = peak_memory_gib(setup.device, baseline)
             if "eager" in names:
                 results.append(eager)
             wanted = [n for n in DIFFUSERS_CONFIGS if n in names]
@@ -474,7 +485,9 @@ def measure_eager_and_diffusers(
                     if name not in names:
                         continue
                     try:
-                        results.append(measure_diffusers(setup, name, dpipe, reference, compile_denoiser))
+                        results.append(
+                            measure_diffusers(setup, name, dpipe, reference, compile_denoiser, baseline)
+                        )
                     except Exception as e:  # a failing reference must not lose the other figures
                         logger.exception("%s failed", name)
                         results.append(
@@ -547,7 +560,7 @@ def run_first_image_process(
 
 def first_image_worker(setup: Setup, options: dict[str, Any], cache_dir: Path, out: Path, name: str) -> int:
     """Inside the subprocess: load, K calls, close (saves the cache); the result as JSON in `out`."""
-    reset_peak_memory(setup.device)
+    baseline = reset_peak_memory(setup.device)
     try:
         pipe, load_s = setup.load(options, cache_dir)
     except InvalidInputError as e:
@@ -557,7 +570,7 @@ def first_image_worker(setup: Setup, options: dict[str, Any], cache_dir: Path, o
     for _ in range(setup.iterations):
         call, _ = call_ours(pipe, setup.request)
         result.calls.append(call)
-    result.peak_memory_gib = peak_memory_gib(setup.device)
+    result.peak_memory_gib = peak_memory_gib(setup.device, baseline)
     result.cache_save_s, _ = timed(lambda: finish(pipe, result), setup.device)
     out.write_text(json.dumps(asdict(result)))
     return 0
