@@ -13,7 +13,10 @@ the same request (prompt, size, steps, guidance, seed) on the same weights:
   diffusers_eager     diffusers' FluxPipeline / StableDiffusionPipeline built from the modules `eager` loaded
   diffusers_compiled  the same after diffusers' regional torch.compile (compile_repeated_blocks);
                       left out on CPU unless --configs names it
-  adaptive            compile + lazy specialization, iterations 1..K: 1 = fallback/compile, later = specialized
+  adaptive            compile with the backend's default specialization (torch: generic dynamic-shape kernels),
+                      iterations 1..K: 1 = fallback/compile, later = compiled
+  lazy_graphs         compile + lazy specialization (specialized kernels built in the background) + CUDA graphs;
+                      only when --configs names it
   adaptive_graphs     the same with the denoising step captured in a CUDA graph (CUDA only)
   static              compile + eager specialization, shapes built ahead by a warm-up call at the measured shape
   start               cold vs warm start: the first image of a fresh process with an empty cache, then of a
@@ -69,7 +72,9 @@ ALL_CONFIGS = (
     "adaptive_graphs",
     "static",
     "start",
+    "lazy_graphs",
 )
+OPT_IN_CONFIGS = ("lazy_graphs",)  # measured only when --configs names them
 DIFFUSERS_CONFIGS = ("diffusers_eager", "diffusers_compiled")
 
 # Published by NVIDIA for TensorRT-RTX adaptive inference; a reference for the chart's shape, not our data.
@@ -120,16 +125,14 @@ class OursSpec:
     """Backend options of one configuration of our pipeline (names as TorchBackend takes them)."""
 
     label: str
-    specialization: str
+    specialization: str | None  # None: the backend's default (torch: "none", measured fastest)
     cuda_graphs: bool
     compiled: bool  # follows --compile when True, forced off when False
 
     def options(self, compile_on: bool, precision: str | None) -> dict[str, Any]:
-        opts: dict[str, Any] = {
-            "compile": self.compiled and compile_on,
-            "cuda_graphs": self.cuda_graphs,
-            "specialization": self.specialization,
-        }
+        opts: dict[str, Any] = {"compile": self.compiled and compile_on, "cuda_graphs": self.cuda_graphs}
+        if self.specialization is not None:
+            opts["specialization"] = self.specialization
         if precision:
             opts["precision"] = precision
         return opts
@@ -137,8 +140,9 @@ class OursSpec:
 
 OURS = {
     "eager": OursSpec("ours, eager", "none", cuda_graphs=False, compiled=False),
-    "adaptive": OursSpec("ours, adaptive (compile + lazy)", "lazy", cuda_graphs=False, compiled=True),
-    "adaptive_graphs": OursSpec("ours, adaptive + CUDA graphs", "lazy", cuda_graphs=True, compiled=True),
+    "adaptive": OursSpec("ours, adaptive (compile)", None, cuda_graphs=False, compiled=True),
+    "adaptive_graphs": OursSpec("ours, adaptive + CUDA graphs", None, cuda_graphs=True, compiled=True),
+    "lazy_graphs": OursSpec("ours, lazy specialization + graphs", "lazy", cuda_graphs=True, compiled=True),
     "static": OursSpec("ours, static (built ahead)", "eager", cuda_graphs=False, compiled=True),
 }
 LABELS = {
@@ -862,7 +866,8 @@ def selected_configs(args: argparse.Namespace, device: torch.device) -> list[str
     if args.configs:
         names = list(args.configs)
     else:
-        names = [n for n in ALL_CONFIGS if not (n == "diffusers_compiled" and device.type == "cpu")]
+        names = [n for n in ALL_CONFIGS if n not in OPT_IN_CONFIGS]
+        names = [n for n in names if not (n == "diffusers_compiled" and device.type == "cpu")]
     if args.no_diffusers:
         names = [n for n in names if n not in DIFFUSERS_CONFIGS]
     return names
@@ -925,7 +930,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> int:
     if "eager" in names or any(n in names for n in DIFFUSERS_CONFIGS):
         measured, reference = measure_eager_and_diffusers(setup, names)
         results += measured
-    for name in ("adaptive", "adaptive_graphs", "static"):
+    for name in ("adaptive", "adaptive_graphs", "static", "lazy_graphs"):
         if name not in names:
             continue
         try:
