@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pipeline.families import Family, ShapeRange, family_for
+from pipeline.loading import read_model
 from pipeline.tiny import make_tiny_model
 
 
@@ -19,3 +24,30 @@ def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of the built-in tiny Stable Diffusion model (diffusers format, random weights)."""
     return make_tiny_model("tiny-sd", tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+def tiny_range(family: Family) -> ShapeRange:
+    """The shape range tiny engines are built for: 2 to 8 times the family's granularity, batch 1-2."""
+    g = family.granularity
+    return ShapeRange((2 * g, 2 * g), (4 * g, 4 * g), (8 * g, 8 * g), 1, 1, 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(
+    tmp_path_factory: pytest.TempPathFactory, tiny_flux: Path, tiny_sd: Path
+) -> dict[str, dict[str, Any]]:
+    """Every stage of both tiny families, exported to ONNX once and built once for the portable targets."""
+    from export import export_model
+    from export.engines import build_engines
+
+    out = {}
+    for name, folder in (("flux", tiny_flux), ("sd", tiny_sd)):
+        root = tmp_path_factory.mktemp(f"rtx-{name}")
+        source = read_model(folder)
+        family = family_for(source)
+        export_model(source, root / "onnx")
+        start = time.perf_counter()
+        engines = build_engines(family, root / "onnx", root / "engines", shape_range=tiny_range(family))
+        logging.getLogger(__name__).info("built %s engines in %.1f s", name, time.perf_counter() - start)
+        out[name] = {"family": family, "source": source, "root": root, "engines": engines}
+    return out

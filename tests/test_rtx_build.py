@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from conftest import tiny_range
 
 from export.engines import (
     DEFAULT_TARGETS,
@@ -28,33 +29,15 @@ from export.engines import (
     engine_dir_name,
     parse_targets,
 )
-from export.onnx_export import export_model
 from pipeline.cache import file_lock, save_blob
 from pipeline.engines.rtx import ProfileGuard, RuntimeCache, trt
 from pipeline.errors import InvalidInputError, OutOfProfileError
-from pipeline.families import Family, ShapeRange, family_for
-from pipeline.loading import read_model
-
-
-def tiny_range(family: Family) -> ShapeRange:
-    g = family.granularity
-    return ShapeRange((2 * g, 2 * g), (4 * g, 4 * g), (8 * g, 8 * g), 1, 1, 2)
+from pipeline.families import Family, ShapeRange
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, tiny_flux: Path, tiny_sd: Path) -> dict[str, dict]:
-    """Every stage of both tiny families: exported once, built once for the portable targets."""
-    out = {}
-    for name, folder in (("flux", tiny_flux), ("sd", tiny_sd)):
-        root = tmp_path_factory.mktemp(f"rtx-{name}")
-        source = read_model(folder)
-        family = family_for(source)
-        export_model(source, root / "onnx")
-        start = time.perf_counter()
-        engines = build_engines(family, root / "onnx", root / "engines", shape_range=tiny_range(family))
-        logging.getLogger(__name__).info("built %s engines in %.1f s", name, time.perf_counter() - start)
-        out[name] = {"family": family, "root": root, "engines": engines}
-    return out
+def built(tiny_engines: dict[str, dict]) -> dict[str, dict]:
+    return tiny_engines
 
 
 @pytest.mark.parametrize("family_name", ["flux", "sd"])

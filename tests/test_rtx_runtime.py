@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.engines import build_engines
-from export.onnx_export import export_model
 from pipeline.engines.rtx import RtxEngine, RuntimeCache, StaleEngineError, rtx_supported
 from pipeline.errors import OutOfProfileError
-from pipeline.families import Family, ShapeRange, family_for
-from pipeline.loading import read_model
+from pipeline.families import Family
 
 SUPPORTED, WHY = rtx_supported()
 pytestmark = [pytest.mark.rtx, pytest.mark.skipif(not SUPPORTED, reason=WHY)]
@@ -30,24 +27,16 @@ def side_stream() -> object:
     stream.synchronize()
 
 
-def tiny_range(family: Family) -> ShapeRange:
-    g = family.granularity
-    return ShapeRange((2 * g, 2 * g), (4 * g, 4 * g), (8 * g, 8 * g), 1, 1, 2)
-
-
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory, tiny_flux: Path, tiny_sd: Path) -> dict[str, dict]:
+def engines(tiny_engines: dict[str, dict]) -> dict[str, dict]:
+    """The session's tiny engines, with each stage's torch module on the GPU to compare against."""
     out = {}
-    for name, folder in (("flux", tiny_flux), ("sd", tiny_sd)):
-        root = tmp_path_factory.mktemp(f"rtx-run-{name}")
-        source = read_model(folder)
-        family = family_for(source)
-        export_model(source, root / "onnx")
-        paths = build_engines(family, root / "onnx", root / "engines", shape_range=tiny_range(family))
+    for name, built in tiny_engines.items():
+        family, source = built["family"], built["source"]
         modules = {
             s.name: source.load_component(s.component, torch.float32, "cuda") for s in family.stages.values()
         }
-        out[name] = {"family": family, "paths": paths, "modules": modules, "root": root}
+        out[name] = {"family": family, "paths": built["engines"], "modules": modules, "root": built["root"]}
     return out
 
 

@@ -181,6 +181,11 @@ class Family(ABC):
         return 2 ** (len(self.source.configs["vae"]["block_out_channels"]) - 1)
 
     @property
+    def clip_length(self) -> int:
+        """Token length of the CLIP text encoder (`text_encoder`), which every family has."""
+        return int(self.source.configs["text_encoder"]["max_position_embeddings"])
+
+    @property
     @abstractmethod
     def granularity(self) -> int:
         """Height and width must be multiples of this (pixels)."""

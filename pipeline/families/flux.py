@@ -64,10 +64,6 @@ class FluxFamily(Family):
     def default_guidance(self) -> float:
         return 3.5 if self.has_guidance else 0.0
 
-    @property
-    def clip_length(self) -> int:
-        return int(self.source.configs["text_encoder"]["max_position_embeddings"])
-
     def _build_stages(self) -> dict[str, StageSpec]:
         cfg = self.source.configs
         tcfg = cfg["transformer"]

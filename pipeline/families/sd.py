@@ -49,10 +49,6 @@ class StableDiffusionFamily(Family):
     def default_guidance(self) -> float:
         return 7.5
 
-    @property
-    def text_length(self) -> int:
-        return int(self.source.configs["text_encoder"]["max_position_embeddings"])
-
     def _build_stages(self) -> dict[str, StageSpec]:
         cfg = self.source.configs
         unet = cfg["unet"]
@@ -62,8 +58,8 @@ class StableDiffusionFamily(Family):
             "text_encoder": StageSpec(
                 "text_encoder",
                 "text_encoder",
-                (TensorSpec("input_ids", ("batch", self.text_length), "int64"),),
-                (TensorSpec("last_hidden_state", ("batch", self.text_length, hidden)),),
+                (TensorSpec("input_ids", ("batch", self.clip_length), "int64"),),
+                (TensorSpec("last_hidden_state", ("batch", self.clip_length, hidden)),),
                 _clip,
             ),
             "unet": StageSpec(
@@ -75,7 +71,7 @@ class StableDiffusionFamily(Family):
                     ),
                     TensorSpec("timestep", ("unet_batch",), "float32"),
                     TensorSpec(
-                        "encoder_hidden_states", ("unet_batch", self.text_length, unet["cross_attention_dim"])
+                        "encoder_hidden_states", ("unet_batch", self.clip_length, unet["cross_attention_dim"])
                     ),
                 ),
                 (
