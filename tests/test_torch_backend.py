@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.cache import load_blob
 from pipeline.errors import InvalidInputError
 from pipeline.pipeline import Pipeline
 
@@ -61,14 +62,17 @@ json.dump({"artifacts": pipe.backend.stats.cache_artifacts,
 
 @pytest.mark.slow
 def test_compiled_equals_eager_and_cache_warms_a_second_process(
-    tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor1"))
-    eager = _images(
-        Pipeline.from_pretrained(
-            tiny_sd, backend="torch", device="cpu", dtype=torch.float32, cache_dir=tmp_path
-        )
+    eager_pipe = Pipeline.from_pretrained(
+        tiny_sd, backend="torch", device="cpu", dtype=torch.float32, cache_dir=tmp_path
     )
+    eager = _images(eager_pipe)
+    # a garbage cache file where the compile cache belongs: survived with one warning, then replaced
+    cache = eager_pipe.model_cache.runtime_cache_path
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(b"not a cache" * 100)
     pipe = Pipeline.from_pretrained(
         tiny_sd,
         backend="torch",
@@ -78,11 +82,12 @@ def test_compiled_equals_eager_and_cache_warms_a_second_process(
         compile=True,
         specialization="none",
     )
+    assert any("cache" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     compiled = _images(pipe)
     np.testing.assert_allclose(compiled, eager, atol=1e-4)
     pipe.close()
-    cache = pipe.backend.model_cache.runtime_cache_path
-    assert cache.is_file() and cache.stat().st_size > 0
+    assert pipe.backend.model_cache.runtime_cache_path == cache
+    assert load_blob(cache, pipe.model_cache.platform_key)  # replaced by a valid cache
 
     # a second process with an empty Inductor folder starts from our cache file
     out = tmp_path / "warm.json"
@@ -117,3 +122,16 @@ def test_compiled_call_during_a_background_trace_runs_instead_of_raising() -> No
         assert torch.equal(fn(torch.ones(3)), torch.full((3,), 3.0))
     finally:
         symbolic_trace._is_fx_tracing_flag = previous
+
+
+@pytest.mark.slow
+def test_compiled_flux_equals_eager(tiny_flux: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    kwargs = {"backend": "torch", "device": "cpu", "dtype": torch.float32, "cache_dir": tmp_path}
+    request = {**KW, "max_sequence_length": 32}
+    images = []
+    for options in ({}, {"compile": True}):
+        pipe = Pipeline.from_pretrained(tiny_flux, **kwargs, **options)
+        pipe.progress = False
+        images.append(pipe("a cat", generator=torch.Generator().manual_seed(0), **request).images)
+    np.testing.assert_allclose(images[1], images[0], atol=1e-4)
