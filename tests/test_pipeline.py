@@ -202,3 +202,34 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_sd: Path, tmp_path: Path, 
         out = pipe("fox " * 200, height=64, width=64, num_inference_steps=1, output_type="np")
     assert out.images.shape == (1, 64, 64, 3)
     assert any("truncated" in r.getMessage() for r in caplog.records)
+
+
+def test_flux_schnell_equals_diffusers(tiny_flux: Path, tmp_path: Path) -> None:
+    """FLUX.1-schnell's shape: no guidance embedding, no dynamic shifting; its defaults (4 steps, guidance 0)."""
+    from diffusers import FluxTransformer2DModel
+
+    folder = _with_scheduler(
+        tiny_flux,
+        tmp_path / "schnell",
+        "FlowMatchEulerDiscreteScheduler",
+        shift=1.0,
+        use_dynamic_shifting=False,
+    )
+    config = dict(FluxTransformer2DModel.load_config(folder / "transformer"), guidance_embeds=False)
+    shutil.rmtree(folder / "transformer")
+    torch.manual_seed(0)
+    FluxTransformer2DModel.from_config(config).save_pretrained(folder / "transformer")
+    ours = _ours(folder, tmp_path)
+    assert (ours.family.default_steps, ours.family.default_guidance) == (4, 0.0)
+    assert "guidance" not in ours.family.stages["transformer"].input_names
+    a, b = _both(
+        ours,
+        _theirs(FluxPipeline, folder),
+        prompt="a red fox",
+        height=48,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=0.0,
+        max_sequence_length=32,
+    )
+    assert np.abs(a - b).max() <= TOLERANCE
