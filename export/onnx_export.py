@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from pipeline.cache import atomic_write_text, file_lock, sha256_file
-from pipeline.errors import InvalidInputError, OutputError
+from pipeline.cache import atomic_write_text, ensure_writable_dir, file_lock, sha256_file
+from pipeline.errors import InvalidInputError
 from pipeline.families import Family, StageSpec, TensorSpec, family_for
 from pipeline.loading import ModelSource, resolve_model
 
@@ -184,17 +184,6 @@ def entry_problem(out_dir: Path, entry: Mapping[str, Any], identity: Mapping[str
 
 
 # ---- export ---------------------------------------------------------------------------------------------
-
-
-def _prepare_out_dir(out_dir: str | Path) -> Path:
-    out = Path(out_dir).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise OutputError(f"cannot write to output folder {out}: {e.strerror or e}") from e
-    return out
 
 
 def _resolve(source_or_model: ModelSource | str | Path) -> ModelSource:
@@ -356,7 +345,7 @@ def export_model(
     family = family_for(source)
     names = _check_stages(family, stages)
     dtype_name(dtype)  # refuse unknown dtypes before any work
-    out = _prepare_out_dir(out_dir)
+    out = ensure_writable_dir(out_dir)
     opset = DEFAULT_OPSET if opset is None else opset
     if opset < MIN_OPSET:
         raise InvalidInputError(f"opset {opset} is too old for the exporter; use {MIN_OPSET} or newer")

@@ -111,6 +111,20 @@ def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -
     _fsync_dir(path.parent)
 
 
+def ensure_writable_dir(folder: str | Path) -> Path:
+    """Create `folder` if needed and prove a file can be written in it (before any long work starts)."""
+    from .errors import OutputError
+
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write to {folder}: {e.strerror or e}") from e
+    return folder
+
+
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
     """`atomic_write_bytes` for text."""
     atomic_write_bytes(path, text.encode(encoding))

@@ -11,7 +11,6 @@ import io
 import logging
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -113,14 +112,11 @@ def output_paths(output: str | None, prompt: str, seed: int, count: int) -> list
 
 
 def check_writable(paths: list[Path]) -> None:
-    """Fail before generating, not after: create each image's folder and prove a file can be written there."""
+    """Fail before generating, not after: each image's folder must exist (or be made) and take a file."""
+    from .cache import ensure_writable_dir
+
     for folder in {p.parent for p in paths}:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as e:
-            raise OutputError(f"cannot write images to {folder}: {e.strerror or e}") from e
+        ensure_writable_dir(folder)
 
 
 def save_png(image: Any, path: Path, metadata: dict[str, str]) -> None:
