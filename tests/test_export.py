@@ -215,3 +215,59 @@ def test_cli_process_exit_code(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
+
+
+class _FusedRmsNorm(torch.nn.Module):
+    """Calls the op FLUX's RMSNorm becomes when traced on CUDA (a plain CPU trace never emits it)."""
+
+    def __init__(self, normalized_shape: list[int], weight: bool, eps: float | None) -> None:
+        super().__init__()
+        self.normalized_shape = normalized_shape
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.rand(normalized_shape) + 0.5) if weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = torch.ops.aten._fused_rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return out
+
+
+@pytest.mark.parametrize(
+    ("dtype", "normalized_shape", "weight", "eps"),
+    [
+        (torch.float32, [16], True, 1e-6),
+        (torch.float32, [4, 16], False, None),
+        (torch.float16, [16], True, 1e-5),
+    ],
+)
+def test_fused_rms_norm_translation(
+    dtype: torch.dtype, normalized_shape: list[int], weight: bool, eps: float | None
+) -> None:
+    from export.translations import custom_translations
+
+    module = _FusedRmsNorm(normalized_shape, weight, eps).to(dtype).eval()
+    x = torch.randn(2, 3, 4, 16, dtype=dtype) * 3
+    batch = torch.export.Dim("batch", max=64)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (x,),
+            input_names=["x"],
+            dynamic_shapes=({0: batch},),
+            opset_version=20,
+            dynamo=True,
+            custom_translation_table=custom_translations(),
+            verbose=False,
+        )
+    # The op reached the translator intact (not decomposed by torch first), so our function wrote its nodes.
+    origins = [node.metadata_props.get("pkg.torch.onnx.fx_node", "") for node in program.model.graph]
+    assert any("_fused_rms_norm" in origin for origin in origins)
+    session = ort.InferenceSession(
+        program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    for n in (2, 5):
+        x = torch.randn(n, 3, 4, 16, dtype=dtype) * 3
+        with torch.no_grad():
+            expected = module(x).float().numpy()
+        (actual,) = session.run(None, {"x": x.numpy()})
+        assert actual.dtype == x.numpy().dtype
+        assert _rel_error(actual.astype(np.float32), expected) <= (1e-5 if dtype == torch.float32 else 2e-3)
