@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
 import torch
 
 from pipeline.cache import atomic_write_text, ensure_writable_dir, file_lock, sha256_file
@@ -196,7 +197,6 @@ def _resolve(source_or_model: ModelSource | str | Path) -> ModelSource:
 
 def _rename_output_dims(program: Any, spec: StageSpec) -> None:
     """Give the graph outputs the spec's dim names (the exporter writes expressions like 8*latent_height)."""
-    import onnx_ir as ir
 
     for value, t in zip(program.model.graph.outputs, spec.outputs, strict=True):
         if value.shape is None:
@@ -214,7 +214,6 @@ def _optimize(model: Any) -> None:
     candidate: quadratic in graph size, which kept FLUX.1-dev (~23 000 nodes) in the optimizer for over
     seven minutes. TensorRT-RTX and onnxruntime fuse those slices themselves.
     """
-    import onnx_ir as ir
     import onnx_ir.passes.common as common
     from onnxscript import rewriter
     from onnxscript.optimizer import _constant_folding
@@ -260,7 +259,6 @@ def _make_initializers_contiguous(program: Any) -> None:
     copying each such tensor first. The bytes written are the same.
     """
     import numpy as np
-    import onnx_ir as ir
 
     for value in program.model.graph.initializers.values():
         tensor = value.const_value
@@ -312,7 +310,6 @@ def _write_stage(
             dynamic_shapes=(dynamic_shapes,),  # one entry: the wrapper's *inputs
             opset_version=opset,
             dynamo=True,
-            external_data=external,
             optimize=False,  # _optimize below: the exporter's optimizer is quadratic in graph size
             verbose=False,
             custom_translation_table=custom_translations(),
@@ -327,7 +324,9 @@ def _write_stage(
     data_name = f"{onnx_name}.data"
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", suffix=".tmp", dir=out_dir))
     try:
-        program.save(tmp / onnx_name, external_data=external)
+        # Our threshold decides, not torch's `save` (which goes external from 1.5 GiB on, so a 1.7 GB model
+        # got a data file this function did not expect and dropped).
+        ir.save(program.model, tmp / onnx_name, external_data=data_name if external else None)
         del program, module
         facts: dict[str, Any] = {"file": onnx_name, "external_data": data_name if external else None}
         facts["size"] = (tmp / onnx_name).stat().st_size

@@ -110,11 +110,46 @@ def test_graph_and_manifest_follow_the_spec(
     entry = read_manifest(ex.out)[stage]
     assert entry["file"] == f"{stage}.onnx"
     assert entry["external_data"] is None
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+    assert not (ex.out / f"{stage}.onnx.data").exists()
     assert [t["name"] for t in entry["inputs"]] == spec.input_names
     assert [t["shape"] for t in entry["outputs"]] == [list(t.shape) for t in spec.outputs]
     assert entry["source_hash"] == ex.source.content_hash
     assert entry["dtype"] == "fp32"
     assert {"torch", "diffusers", "transformers", "onnx"} <= set(entry["versions"])
+
+
+def test_weights_over_the_threshold_go_to_external_data(
+    exported: dict[str, Exported], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export's own threshold decides the layout, and the manifest describes exactly what was written."""
+    monkeypatch.setattr("export.onnx_export.EXTERNAL_DATA_THRESHOLD", 1)
+    ex = exported["sd"]
+    path = export_stage(ex.source, "vae_decoder", tmp_path)
+    entry = read_manifest(tmp_path)["vae_decoder"]
+    data = tmp_path / "vae_decoder.onnx.data"
+    assert entry["external_data"] == data.name and entry["data_size"] == data.stat().st_size > 0
+    graph = onnx.load(path, load_external_data=False).graph
+    locations = {
+        e.value
+        for t in graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    assert locations == {data.name}
+    written = {p.name for p in tmp_path.iterdir() if not p.name.startswith(".") and p.suffix != ".lock"}
+    assert written == {MANIFEST, "vae_decoder.onnx", data.name}
+    spec = ex.family.stages["vae_decoder"]
+    module = ex.source.load_component(spec.component, torch.float32)
+    inputs = spec.example_inputs(
+        _shapes(ex.family)[1], torch.float32, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        expected = spec.forward(module, inputs)[spec.output_names[0]].numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    assert _rel_error(actual, expected) <= 1e-4
 
 
 def _snapshot(folder: Path) -> dict[str, int]:
