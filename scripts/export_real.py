@@ -3,6 +3,8 @@
     python scripts/export_real.py --model sd15                  # SD 1.5 UNet, 860 M parameters, CPU, fp32
     python scripts/export_real.py --model flux-dev              # FLUX.1-dev transformer, 12 B, CUDA, bf16
     python scripts/export_real.py --model flux-dev --dry-run    # build on the meta device, check shapes only
+    python scripts/export_real.py --model flux-dev --dtype fp32 --layers 2,2 --check
+                                        # real widths, fewer blocks: onnxruntime (CPU) against torch
 
 The architectures come from `pipeline.architectures` (the published configs); the export is the project's
 own `export.export_stage`, so this measures exactly what `python -m export` does at that size. Weights of
@@ -18,6 +20,7 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import sys
 import time
 from datetime import date
@@ -29,7 +32,7 @@ import torch
 from export import DTYPES, export_stage
 from export.onnx_export import StageModule, dtype_name, library_versions, trace_dims
 from pipeline.families import family_for
-from pipeline.loading import ModelSource, resolve_model
+from pipeline.loading import ModelSource, read_model, resolve_model
 
 logger = logging.getLogger("export.real")
 
@@ -66,6 +69,39 @@ def dry_run(source: ModelSource, stage: str, dtype: torch.dtype) -> dict[str, An
     }
 
 
+def fewer_layers(source: ModelSource, layers: str, folder: Path) -> ModelSource:
+    """A copy of the model folder whose denoiser has fewer blocks ("double,single" for FLUX, ignored by SD)."""
+    double, single = (int(n) for n in layers.split(","))
+    copy = folder / f"{source.path.name}-layers-{double}-{single}"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(source.path, copy)
+    config_file = copy / family_for(source).stages[family_for(source).denoiser].component / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(num_layers=double, num_single_layers=single)
+    config_file.write_text(json.dumps(config, indent=2))
+    return read_model(copy, model_id=f"{source.model_id} ({double}+{single} blocks)")
+
+
+def check(source: ModelSource, stage: str, onnx_path: Path, device: str) -> dict[str, Any]:
+    """onnxruntime (CPU) against the torch module (fp32, on `device`) at the trace dims and at other dims."""
+    import numpy as np
+    import onnxruntime as ort
+
+    family = family_for(source)
+    spec = family.stages[stage]
+    module = source.load_component(spec.component, torch.float32, device)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    errors = {}
+    for i, dims in enumerate((trace_dims(family), family.dims(512, 768, 1))):
+        inputs = spec.example_inputs(dims, torch.float32, device, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            want = spec.forward(module, inputs)[spec.output_names[0]].float().cpu().numpy()
+        (got,) = session.run(spec.output_names[:1], {k: v.cpu().numpy() for k, v in inputs.items()})
+        key = ",".join(f"{k}={v}" for k, v in dims.items() if k in spec.dim_names)
+        errors[key] = float(np.abs(got - want).max() / np.abs(want).max())
+    return {"check_rel_error": errors}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -79,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/export-real"))
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="meta device: check the path, write nothing")
+    parser.add_argument("--layers", default=None, help="FLUX only: DOUBLE,SINGLE blocks instead of 19,38")
+    parser.add_argument("--check", action="store_true", help="fp32 only: compare onnxruntime with torch")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("export", "pipeline"):
@@ -87,10 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     dtype_arg, device_arg = DEFAULTS[args.model]
     dtype = DTYPES[args.dtype or dtype_arg]
     device = args.device or device_arg
+    if args.check and dtype != torch.float32:
+        parser.error("--check needs --dtype fp32 (onnxruntime on CPU)")
     source = resolve_model(args.model, cache_dir=args.cache_dir)
+    if args.layers:
+        source = fewer_layers(source, args.layers, args.cache_dir)
     stage = family_for(source).denoiser
     report: dict[str, Any] = {
-        "model": args.model,
+        "model": source.model_id,
         "stage": stage,
         "dtype": dtype_name(dtype),
         "device": device,
@@ -113,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         report["data_bytes"] = data.stat().st_size if data.exists() else 0
         if device.startswith("cuda"):
             report["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-    report["wall_s"] = round(time.perf_counter() - start, 1)
+        if args.check:
+            report["wall_s"] = round(time.perf_counter() - start, 1)  # the export alone
+            report.update(check(source, stage, path, device))
+    report.setdefault("wall_s", round(time.perf_counter() - start, 1))
     report["peak_rss_gb"] = round(peak_rss_gb(), 2)
     report["cpus"] = len(os.sched_getaffinity(0))
     print(json.dumps(report))
