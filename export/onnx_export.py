@@ -212,15 +212,27 @@ def _optimize(model: Any) -> None:
     dead-code removal, initializer deduplication, common-subexpression elimination). A rule whose pattern
     has several output nodes (SlicesSplit) is matched by enumerating every node of the graph for every
     candidate: quadratic in graph size, which kept FLUX.1-dev (~23 000 nodes) in the optimizer for over
-    seven minutes. TensorRT-RTX and onnxruntime fuse those slices themselves.
+    seven minutes. The rule only turns several Slices of one tensor into one Split.
+    The pass list uses onnxscript internals (tested with 0.7); without them, its full optimizer runs instead.
     """
     import onnx_ir.passes.common as common
-    from onnxscript import rewriter
-    from onnxscript.optimizer import _constant_folding
+    import onnxscript
+    from onnxscript import optimizer, rewriter
 
+    try:
+        from onnxscript.optimizer import _constant_folding
+
+        default_rules = rewriter._DEFAULT_REWRITE_RULES
+    except (ImportError, AttributeError):
+        logger.warning(
+            "onnxscript %s: using its full optimizer, which is slow on very large graphs",
+            onnxscript.__version__,
+        )
+        optimizer.optimize_ir(model)
+        return
     rules = [
         rule
-        for rule in rewriter._DEFAULT_REWRITE_RULES
+        for rule in default_rules
         if getattr(getattr(rule, "_target_pattern", None), "has_single_output_node", True)
     ]
     passes = ir.passes.Sequential(
