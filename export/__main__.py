@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default fp32)"
     )
     parser.add_argument("--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model is built and traced: cpu (default) or cuda, which needs GPU memory for the "
+        "weights (FLUX.1-dev in bf16: 24 GB)",
+    )
     parser.add_argument("--force", action="store_true", help="re-export even where the manifest matches")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where built-in models are made")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -53,7 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = resolve_model(args.model, cache_dir=args.cache_dir)
         family = family_for(source)
         paths = export_model(
-            source, args.out, stages=stages, dtype=DTYPES[args.dtype], opset=args.opset, force=args.force
+            source,
+            args.out,
+            stages=stages,
+            dtype=DTYPES[args.dtype],
+            opset=args.opset,
+            force=args.force,
+            device=args.device,
         )
         if args.engines:
             from .engines import build_engines_from_args

@@ -31,6 +31,7 @@ from pipeline.cache import atomic_write_text, ensure_writable_dir, file_lock, sh
 from pipeline.errors import InvalidInputError
 from pipeline.families import Family, StageSpec, TensorSpec, family_for
 from pipeline.loading import ModelSource, resolve_model
+from pipeline.pipeline import parse_device
 
 from .translations import custom_translations
 
@@ -432,6 +433,7 @@ def export_model(
 
     `source_or_model` is a `ModelSource` or anything `resolve_model` takes (folder, hub id, built-in name).
     """
+    device = parse_device(device)
     source = _resolve(source_or_model)
     family = family_for(source)
     names = _check_stages(family, stages)

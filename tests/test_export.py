@@ -221,13 +221,17 @@ def _unsupported_model(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("case", ["unknown-stage", "unsupported-family", "unwritable-out", "missing-model"])
+@pytest.mark.parametrize(
+    "case", ["unknown-stage", "unsupported-family", "unwritable-out", "missing-model", "bad-device"]
+)
 def test_cli_bad_input_is_one_line_exit_2(
     tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
 ) -> None:
     model, out, extra = str(tiny_sd), tmp_path / "out", []
     if case == "unknown-stage":
         extra = ["--stages", "unet,transformer"]
+    elif case == "bad-device":
+        extra = ["--device", "cuda" if not torch.cuda.is_available() else "tpu:0"]
     elif case == "unsupported-family":
         model = str(_unsupported_model(tmp_path / "sdxl"))
     elif case == "unwritable-out":
