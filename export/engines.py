@@ -53,6 +53,21 @@ def parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
     return names
 
 
+def external_data_files(model: Any) -> list[str]:
+    """The external-data files an ONNX model (a ModelProto) names, relative to its folder, in name order."""
+    import onnx
+
+    return sorted(
+        {
+            entry.value
+            for tensor in model.graph.initializer
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
+
+
 def onnx_sha256(onnx_path: str | Path) -> str:
     """sha256 over the ONNX file and the external-data files it names (in name order)."""
     import onnx
@@ -63,15 +78,7 @@ def onnx_sha256(onnx_path: str | Path) -> str:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError):  # not ONNX: hash the bytes; the parser says what is wrong
         return sha256_file(path)
-    data_files = sorted(
-        {
-            entry.value
-            for tensor in model.graph.initializer
-            if tensor.data_location == onnx.TensorProto.EXTERNAL
-            for entry in tensor.external_data
-            if entry.key == "location"
-        }
-    )
+    data_files = external_data_files(model)
     if not data_files:
         return sha256_file(path)
     digest = hashlib.sha256()

@@ -198,7 +198,6 @@ def _resolve(source_or_model: ModelSource | str | Path) -> ModelSource:
 
 def _rename_output_dims(program: Any, spec: StageSpec) -> None:
     """Give the graph outputs the spec's dim names (the exporter writes expressions like 8*latent_height)."""
-
     for value, t in zip(program.model.graph.outputs, spec.outputs, strict=True):
         if value.shape is None:
             continue
@@ -264,7 +263,7 @@ def _optimize(model: Any) -> None:
     passes(model)
 
 
-def _make_initializers_contiguous(program: Any) -> None:
+def _make_initializers_contiguous(model: Any) -> None:
     """Give every strided numpy initializer a contiguous copy, one at a time, before saving.
 
     The optimizer folds `Transpose(weight)` into initializers that are numpy views; `ndarray.tofile` writes a
@@ -273,7 +272,7 @@ def _make_initializers_contiguous(program: Any) -> None:
     """
     import numpy as np
 
-    for value in program.model.graph.initializers.values():
+    for value in model.graph.initializers.values():
         tensor = value.const_value
         raw = getattr(tensor, "raw", None)
         if isinstance(raw, np.ndarray) and not raw.flags.c_contiguous:
@@ -329,7 +328,7 @@ def _write_stage(
         )
     _optimize(program.model)
     _rename_output_dims(program, spec)
-    _make_initializers_contiguous(program)
+    _make_initializers_contiguous(program.model)
     converted = time.perf_counter()
     logger.info("%s: traced and converted in %.1f s; writing", spec.name, converted - start)
 

@@ -70,12 +70,12 @@ def dry_run(source: ModelSource, stage: str, dtype: torch.dtype) -> dict[str, An
 
 
 def fewer_layers(source: ModelSource, layers: str, folder: Path) -> ModelSource:
-    """A copy of the model folder whose denoiser has fewer blocks ("double,single" for FLUX, ignored by SD)."""
+    """A copy of a FLUX model folder whose transformer has "double,single" blocks."""
     double, single = (int(n) for n in layers.split(","))
     copy = folder / f"{source.path.name}-layers-{double}-{single}"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(source.path, copy)
-    config_file = copy / family_for(source).stages[family_for(source).denoiser].component / "config.json"
+    config_file = copy / "transformer" / "config.json"
     config = json.loads(config_file.read_text())
     config.update(num_layers=double, num_single_layers=single)
     config_file.write_text(json.dumps(config, indent=2))
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or device_arg
     if args.check and dtype != torch.float32:
         parser.error("--check needs --dtype fp32 (onnxruntime on CPU)")
+    if args.layers and args.model != "flux-dev":
+        parser.error("--layers is for flux-dev (double and single transformer blocks)")
     source = resolve_model(args.model, cache_dir=args.cache_dir)
     if args.layers:
         source = fewer_layers(source, args.layers, args.cache_dir)
@@ -155,10 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         report["data_bytes"] = data.stat().st_size if data.exists() else 0
         if device.startswith("cuda"):
             report["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        if args.check:
-            report["wall_s"] = round(time.perf_counter() - start, 1)  # the export alone
-            report.update(check(source, stage, path, device))
-    report.setdefault("wall_s", round(time.perf_counter() - start, 1))
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    if args.check and not args.dry_run:
+        report.update(check(source, stage, path, device))
     report["peak_rss_gb"] = round(peak_rss_gb(), 2)
     report["cpus"] = len(os.sched_getaffinity(0))
     print(json.dumps(report))

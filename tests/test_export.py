@@ -20,6 +20,7 @@ import torch
 
 from export import MANIFEST, export_model, export_stage, onnx_output_names, read_manifest
 from export.__main__ import main
+from export.engines import external_data_files
 from pipeline.families import Family, family_for
 from pipeline.loading import ModelSource, read_model
 
@@ -72,13 +73,12 @@ def _rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12))
 
 
-@pytest.mark.parametrize(("family_name", "stage"), STAGES, ids=[f"{f}-{s}" for f, s in STAGES])
-def test_onnxruntime_matches_torch(exported: dict[str, Exported], family_name: str, stage: str) -> None:
-    ex = exported[family_name]
+def _assert_matches_torch(ex: Exported, stage: str, onnx_path: Path) -> None:
+    """onnxruntime against the torch module, every output, at the two shapes of `_shapes`."""
     spec = ex.family.stages[stage]
     module = ex.source.load_component(spec.component, torch.float32)
     vocab = getattr(getattr(module, "config", None), "vocab_size", 100)
-    session = ort.InferenceSession(str(ex.paths[stage]), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == spec.input_names
     assert [o.name for o in session.get_outputs()] == onnx_output_names(spec)
     for i, dims in enumerate(_shapes(ex.family)):
@@ -92,6 +92,12 @@ def test_onnxruntime_matches_torch(exported: dict[str, Exported], family_name: s
             want = expected[t.name].numpy()
             assert got.shape == want.shape == t.concrete(dims)
             assert _rel_error(got, want) <= 1e-4, f"{stage}.{t.name} at {dims}"
+
+
+@pytest.mark.parametrize(("family_name", "stage"), STAGES, ids=[f"{f}-{s}" for f, s in STAGES])
+def test_onnxruntime_matches_torch(exported: dict[str, Exported], family_name: str, stage: str) -> None:
+    ex = exported[family_name]
+    _assert_matches_torch(ex, stage, ex.paths[stage])
 
 
 @pytest.mark.parametrize(("family_name", "stage"), STAGES, ids=[f"{f}-{s}" for f, s in STAGES])
@@ -129,27 +135,10 @@ def test_weights_over_the_threshold_go_to_external_data(
     entry = read_manifest(tmp_path)["vae_decoder"]
     data = tmp_path / "vae_decoder.onnx.data"
     assert entry["external_data"] == data.name and entry["data_size"] == data.stat().st_size > 0
-    graph = onnx.load(path, load_external_data=False).graph
-    locations = {
-        e.value
-        for t in graph.initializer
-        if t.data_location == onnx.TensorProto.EXTERNAL
-        for e in t.external_data
-        if e.key == "location"
-    }
-    assert locations == {data.name}
+    assert external_data_files(onnx.load(path, load_external_data=False)) == [data.name]
     written = {p.name for p in tmp_path.iterdir() if not p.name.startswith(".") and p.suffix != ".lock"}
     assert written == {MANIFEST, "vae_decoder.onnx", data.name}
-    spec = ex.family.stages["vae_decoder"]
-    module = ex.source.load_component(spec.component, torch.float32)
-    inputs = spec.example_inputs(
-        _shapes(ex.family)[1], torch.float32, generator=torch.Generator().manual_seed(0)
-    )
-    with torch.no_grad():
-        expected = spec.forward(module, inputs)[spec.output_names[0]].numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (actual,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
-    assert _rel_error(actual, expected) <= 1e-4
+    _assert_matches_torch(ex, "vae_decoder", path)
 
 
 def _snapshot(folder: Path) -> dict[str, int]:
