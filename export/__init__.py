@@ -1,25 +1,4 @@
-"""ONNX export of each pipeline stage (`python -m export MODEL --out DIR`), read by the engine builders."""
+"""`python -m export`: forwards to `pipeline.export` (ONNX export of each stage, TensorRT-RTX engine builds)."""
 
-from .onnx_export import (
-    DEFAULT_OPSET,
-    DTYPES,
-    MANIFEST,
-    StageModule,
-    export_model,
-    export_stage,
-    onnx_output_names,
-    read_manifest,
-    trace_dims,
-)
-
-__all__ = [
-    "DEFAULT_OPSET",
-    "DTYPES",
-    "MANIFEST",
-    "StageModule",
-    "export_model",
-    "export_stage",
-    "onnx_output_names",
-    "read_manifest",
-    "trace_dims",
-]
+from pipeline.export import *  # noqa: F403
+from pipeline.export import __all__  # noqa: F401

@@ -79,7 +79,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(name)s: %(message)s"))
-    for name in ("pipeline", "export"):
+    for name in ("pipeline",):
         log = logging.getLogger(name)
         log.handlers[:] = [handler]
         log.setLevel(level)

@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 from .errors import ModelNotFoundError, UnsupportedModelError
+from .tiny import TINY_MODELS
 
 logger = logging.getLogger(__name__)
-
-TINY_MODELS = ("tiny-flux", "tiny-sd")
 
 # Files a hub download needs: configs, tokenizers, weights (safetensors only, no pickles).
 _HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
@@ -140,7 +139,7 @@ def resolve_model(
 ) -> ModelSource:
     """A local folder, a built-in tiny model name, or a Hugging Face hub id -> ModelSource."""
     from .architectures import ARCHITECTURES, make_architecture
-    from .cache import cache_root
+    from .cache.store import cache_root
 
     path = Path(model).expanduser()
     if path.is_dir():

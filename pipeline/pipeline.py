@@ -27,19 +27,12 @@ from .errors import InvalidInputError
 from .families import Family, family_for
 from .families.base import Tensors
 from .loading import ModelSource, resolve_model
+from .options import parse_device, parse_dtype
 from .schedule import plan_schedule
 
 logger = logging.getLogger("pipeline")
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 @dataclass
@@ -50,32 +43,6 @@ class PipelineOutput:
     timings: dict[str, float] = field(default_factory=dict)
     seed: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # the resolved height, width, steps, guidance
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device, family: Family) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        if device.type == "cpu":
-            return torch.float32
-        return torch.bfloat16 if family.name == "flux" else torch.float16
-    if dtype not in _DTYPES:
-        raise InvalidInputError(f"unknown dtype {dtype!r}; choose one of fp32, fp16, bf16")
-    return _DTYPES[dtype]
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise InvalidInputError(f"unknown device {device!r} ({e})") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(
-            "device cuda was asked for, but no CUDA GPU is available here; use --device cpu"
-        )
-    return dev
 
 
 def check_request(
@@ -213,7 +180,7 @@ class Pipeline:
             schedule = plan_schedule(
                 self.source.scheduler,
                 steps,
-                begin_index=family.name == "flux",
+                begin_index=family.schedule_begin_index,
                 **family.schedule_kwargs(height, width, steps),
             )
             cond = family.denoiser_conditioning(text, height, width, batch, guidance)

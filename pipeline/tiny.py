@@ -20,6 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CLIP_LENGTH = 77
+TINY_MODELS = ("tiny-flux", "tiny-sd")  # built-in names, made offline on first use
 
 
 def _byte_vocab() -> list[str]:

@@ -2,7 +2,7 @@
 
     python scripts/bench.py --model MODEL [--backend auto|torch|rtx] [--device cuda] [--dtype bf16]
                             [--height H --width W] [--steps N] [--iterations K] [--compile auto|on|off]
-                            [--precision fp8] [--new-size HxW] [--no-diffusers] [--configs NAME ...]
+                            [--precision fp8] [--new-size WxH] [--no-diffusers] [--configs NAME ...]
                             [--cache-dir DIR] --json OUT.json --plot OUT.png
 
 MODEL is a diffusers folder, a built-in tiny model (tiny-flux, tiny-sd) or a named real-size architecture
@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import InvalidInputError, Pipeline, PipelineError
+from pipeline import InvalidInputError, Pipeline, PipelineError, options
 from pipeline.families import family_for
 from pipeline.loading import resolve_model
 
@@ -815,12 +815,12 @@ def write_chart(data: dict[str, Any], results: list[ConfigResult], path: Path, i
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'HxW' -> (height, width)."""
+    """'WIDTHxHEIGHT' -> (height, width), the order the measurements use."""
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH, e.g. 512x768, got {text!r}") from None
-    return h, w
+        width, height = options.parse_size(text)
+    except InvalidInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return height, width
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -847,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", default="auto", choices=("auto", "on", "off"), help="torch.compile (auto: on for CUDA)"
     )
     p.add_argument(
-        "--new-size", type=parse_size, default=None, help="HxW served after the K calls (adaptive)"
+        "--new-size", type=parse_size, default=None, help="WIDTHxHEIGHT served after the K calls (adaptive)"
     )
     p.add_argument("--configs", nargs="+", choices=ALL_CONFIGS, default=None, help="default: all that fit")
     p.add_argument("--no-diffusers", action="store_true", help="leave out diffusers' pipelines")

@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
-from export import DTYPES, export_stage
-from export.onnx_export import StageModule, dtype_name, library_versions, trace_dims
+from pipeline.export import export_stage
+from pipeline.export.onnx_export import StageModule, library_versions, trace_dims
 from pipeline.families import family_for
 from pipeline.loading import ModelSource, read_model, resolve_model
+from pipeline.options import DTYPES, dtype_name
 
 logger = logging.getLogger("export.real")
 

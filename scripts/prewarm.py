@@ -18,7 +18,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from pipeline import Pipeline, PipelineError
+from pipeline import Pipeline, PipelineError, options
 from pipeline.cache import (
     SHIPPED_FILE,
     ShippedCache,
@@ -35,14 +35,10 @@ logger = logging.getLogger("prewarm")
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     """'512x512,1024x768' -> [(512, 512), (1024, 768)] as (width, height)."""
-    sizes = []
-    for item in text.split(","):
-        try:
-            width, height = (int(v) for v in item.strip().lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"size {item!r} is not WIDTHxHEIGHT, e.g. 1024x768") from None
-        sizes.append((width, height))
-    return sizes
+    try:
+        return options.parse_sizes(text)
+    except PipelineError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_ints(text: str) -> list[int]:

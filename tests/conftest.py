@@ -37,8 +37,8 @@ def tiny_engines(
     tmp_path_factory: pytest.TempPathFactory, tiny_flux: Path, tiny_sd: Path
 ) -> dict[str, dict[str, Any]]:
     """Every stage of both tiny families, exported to ONNX once and built once for the portable targets."""
-    from export import export_model
-    from export.engines import build_engines
+    from pipeline.export import export_model
+    from pipeline.export.engines import build_engines
 
     out = {}
     for name, folder in (("flux", tiny_flux), ("sd", tiny_sd)):

@@ -18,9 +18,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import MANIFEST, export_model, export_stage, onnx_output_names, read_manifest
-from export.__main__ import main
-from export.engines import external_data_files
+from pipeline.export import MANIFEST, export_model, export_stage, onnx_output_names, read_manifest
+from pipeline.export.cli import main
+from pipeline.export.engines import external_data_files
 from pipeline.families import Family, family_for
 from pipeline.loading import ModelSource, read_model
 
@@ -129,7 +129,7 @@ def test_weights_over_the_threshold_go_to_external_data(
     exported: dict[str, Exported], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The export's own threshold decides the layout, and the manifest describes exactly what was written."""
-    monkeypatch.setattr("export.onnx_export.EXTERNAL_DATA_THRESHOLD", 1)
+    monkeypatch.setattr("pipeline.export.onnx_export.EXTERNAL_DATA_THRESHOLD", 1)
     ex = exported["sd"]
     path = export_stage(ex.source, "vae_decoder", tmp_path)
     entry = read_manifest(tmp_path)["vae_decoder"]
@@ -149,7 +149,7 @@ def test_rerun_skips_every_stage(exported: dict[str, Exported], caplog: pytest.L
     ex = exported["flux"]
     manifest = (ex.out / MANIFEST).read_bytes()
     before = _snapshot(ex.out)
-    with caplog.at_level(logging.INFO, logger="export"):
+    with caplog.at_level(logging.INFO, logger="pipeline.export"):
         paths = export_model(ex.source, ex.out)
     assert paths == ex.paths
     assert (ex.out / MANIFEST).read_bytes() == manifest
@@ -270,7 +270,7 @@ class _FusedRmsNorm(torch.nn.Module):
 def test_fused_rms_norm_translation(
     dtype: torch.dtype, normalized_shape: list[int], weight: bool, eps: float | None
 ) -> None:
-    from export.translations import custom_translations
+    from pipeline.export.translations import custom_translations
 
     module = _FusedRmsNorm(normalized_shape, weight, eps).to(dtype).eval()
     x = torch.randn(2, 3, 4, 16, dtype=dtype) * 3

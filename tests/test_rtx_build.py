@@ -20,7 +20,10 @@ import onnx
 import pytest
 from conftest import tiny_range
 
-from export.engines import (
+from pipeline.cache import file_lock, save_blob
+from pipeline.engines.rtx import ProfileGuard, RuntimeCache, trt
+from pipeline.errors import InvalidInputError, OutOfProfileError
+from pipeline.export.engines import (
     DEFAULT_TARGETS,
     EngineBuildError,
     build_engine,
@@ -29,9 +32,6 @@ from export.engines import (
     engine_dir_name,
     parse_targets,
 )
-from pipeline.cache import file_lock, save_blob
-from pipeline.engines.rtx import ProfileGuard, RuntimeCache, trt
-from pipeline.errors import InvalidInputError, OutOfProfileError
 from pipeline.families import Family, ShapeRange
 
 
@@ -58,7 +58,7 @@ def test_every_stage_builds_for_portable_targets(built: dict[str, dict], family_
 def test_matching_metadata_skips_the_build(built: dict[str, dict], caplog: pytest.LogCaptureFixture) -> None:
     sd = built["sd"]
     mtimes = {s: p.stat().st_mtime_ns for s, p in sd["engines"].items()}
-    with caplog.at_level(logging.INFO, logger="export.engines"):
+    with caplog.at_level(logging.INFO, logger="pipeline.export.engines"):
         again = build_engines(
             sd["family"], sd["root"] / "onnx", sd["root"] / "engines", shape_range=tiny_range(sd["family"])
         )
@@ -91,7 +91,7 @@ def _build_reasons(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_other_targets_rebuild_saying_why(one_stage, caplog: pytest.LogCaptureFixture) -> None:
     family, onnx_path, engine = one_stage
     before = engine.stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="export.engines"):
+    with caplog.at_level(logging.INFO, logger="pipeline.export.engines"):
         _rebuild(family, onnx_path, engine, targets=["sm80", "sm86"])
     assert engine.stat().st_mtime_ns != before
     (reason,) = _build_reasons(caplog)
@@ -104,7 +104,7 @@ def test_changed_onnx_rebuilds_saying_why(one_stage, caplog: pytest.LogCaptureFi
     model = onnx.load(str(onnx_path))
     model.doc_string = "re-exported"
     onnx.save(model, str(onnx_path))
-    with caplog.at_level(logging.INFO, logger="export.engines"):
+    with caplog.at_level(logging.INFO, logger="pipeline.export.engines"):
         _rebuild(family, onnx_path, engine)
     (reason,) = _build_reasons(caplog)
     assert "ONNX changed" in reason
@@ -116,7 +116,7 @@ def test_other_profile_or_flags_rebuild(one_stage, caplog: pytest.LogCaptureFixt
     wide = ShapeRange(
         tiny_range(family).min_size, tiny_range(family).opt_size, tiny_range(family).max_size, 1, 2, 4
     )
-    with caplog.at_level(logging.INFO, logger="export.engines"):
+    with caplog.at_level(logging.INFO, logger="pipeline.export.engines"):
         build_engine(onnx_path, stage, family.profile("text_encoder", wide), engine)
         build_engine(onnx_path, stage, family.profile("text_encoder", wide), engine, weight_streaming=True)
         build_engine(onnx_path, stage, family.profile("text_encoder", wide), engine, weight_streaming=True)
@@ -129,7 +129,7 @@ def test_other_profile_or_flags_rebuild(one_stage, caplog: pytest.LogCaptureFixt
 def test_damaged_metadata_or_missing_engine_rebuilds(one_stage, caplog: pytest.LogCaptureFixture) -> None:
     family, onnx_path, engine = one_stage
     engine.with_suffix(".json").write_text("{not json")
-    with caplog.at_level(logging.INFO, logger="export.engines"):
+    with caplog.at_level(logging.INFO, logger="pipeline.export.engines"):
         _rebuild(family, onnx_path, engine)
         engine.unlink()
         _rebuild(family, onnx_path, engine)

@@ -35,9 +35,9 @@ class Precision(StrEnum):
 
     @property
     def dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}[
-            self.value
-        ]
+        from ..options import DTYPES
+
+        return DTYPES.get(self.value, torch.bfloat16)  # fp8 layers keep bf16 activations
 
 
 class Engine(Protocol):

@@ -59,8 +59,8 @@ class RtxBackend(Backend):
         ignored = [k for k in _TORCH_ONLY if options.get(k) is not None]
         if ignored:
             logger.warning("options %s apply to the torch backend only; ignored", ", ".join(ignored))
-        from export.engines import build_engines
-        from export.onnx_export import export_model
+        from ..export.engines import build_engines
+        from ..export.onnx_export import export_model
 
         self.model_cache = model_cache
         self.specialization = Specialization(specialization)

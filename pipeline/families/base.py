@@ -170,6 +170,9 @@ class Family(ABC):
     name: ClassVar[str]
     pipeline_classes: ClassVar[tuple[str, ...]]
     denoiser: ClassVar[str]  # stage name of the denoiser
+    default_cuda_dtype: ClassVar[torch.dtype] = torch.float16  # the weights' dtype on a GPU unless asked
+    # diffusers' pipeline calls scheduler.set_begin_index(0) (FLUX does; SD's pipelines do not)
+    schedule_begin_index: ClassVar[bool] = False
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source

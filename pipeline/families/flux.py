@@ -47,6 +47,8 @@ class FluxFamily(Family):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
     denoiser = "transformer"
+    default_cuda_dtype = torch.bfloat16
+    schedule_begin_index = True
 
     @property
     def granularity(self) -> int:

@@ -27,12 +27,11 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from pipeline.cache import atomic_write_text, ensure_writable_dir, file_lock, sha256_file
-from pipeline.errors import InvalidInputError
-from pipeline.families import Family, StageSpec, TensorSpec, family_for
-from pipeline.loading import ModelSource, resolve_model
-from pipeline.pipeline import parse_device
-
+from ..cache import atomic_write_text, ensure_writable_dir, file_lock, sha256_file
+from ..errors import InvalidInputError
+from ..families import Family, StageSpec, TensorSpec, family_for
+from ..loading import ModelSource, resolve_model
+from ..options import dtype_name, parse_device
 from .translations import custom_translations
 
 logger = logging.getLogger(__name__)
@@ -46,8 +45,6 @@ MIN_OPSET = 18  # the oldest opset torch's dynamo exporter writes
 # room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _VERSIONED = ("torch", "diffusers", "transformers", "onnx", "onnxscript", "onnx-ir")
 
 
@@ -65,13 +62,6 @@ class StageModule(torch.nn.Module):
 
 
 # ---- what is exported -----------------------------------------------------------------------------------
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch dtype -> 'fp32' | 'fp16' | 'bf16'."""
-    if dtype not in _DTYPE_NAMES:
-        raise InvalidInputError(f"dtype {dtype} cannot be exported; choose one of {sorted(DTYPES)}")
-    return _DTYPE_NAMES[dtype]
 
 
 def onnx_output_names(spec: StageSpec) -> list[str]:

@@ -21,10 +21,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import atomic_write_bytes, file_lock, sha256_file
-from pipeline.engines.rtx import TrtLogger, trt
-from pipeline.errors import InvalidInputError, PipelineError
-from pipeline.families import Family, ShapeRange, StageSpec
+from ..cache import atomic_write_bytes, file_lock, sha256_file
+from ..engines.rtx import TrtLogger, trt
+from ..errors import InvalidInputError, PipelineError
+from ..families import Family, ShapeRange, StageSpec
+from ..options import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -257,14 +258,12 @@ def engine_dir_name(targets: Sequence[str]) -> str:
     return "-".join(("rtx", trt.__version__, *parse_targets(targets)))
 
 
-def _size(value: str | Sequence[int] | None) -> tuple[int, int] | None:
-    if value is None or isinstance(value, tuple | list):
-        return tuple(value) if value is not None else None  # type: ignore[return-value]
-    try:
-        h, w = (int(v) for v in str(value).lower().split("x"))
-    except ValueError:
-        raise InvalidInputError(f"size {value!r} must be HEIGHTxWIDTH, e.g. 1024x1024") from None
-    return h, w
+def _size(value: str | None) -> tuple[int, int] | None:
+    """A size flag (WIDTHxHEIGHT) -> (height, width), as ShapeRange holds sizes; None when unset."""
+    if value is None:
+        return None
+    width, height = parse_size(value)
+    return height, width
 
 
 def shape_range_from_args(args: argparse.Namespace, family: Family) -> ShapeRange:
@@ -276,7 +275,9 @@ def shape_range_from_args(args: argparse.Namespace, family: Family) -> ShapeRang
     g = family.granularity
     for size in (lo, opt, hi):
         if size[0] % g or size[1] % g:
-            raise InvalidInputError(f"size {size[0]}x{size[1]} must be a multiple of {g} for {family.name}")
+            raise InvalidInputError(
+                f"size {size[1]}x{size[0]} (WIDTHxHEIGHT) must be a multiple of {g} for {family.name}"
+            )
     max_batch = int(getattr(args, "max_batch", None) or 1)
     try:
         return ShapeRange(lo, opt, hi, 1, 1, max_batch)
