@@ -3,11 +3,13 @@
 State lives in one buffer `history = [x0, e_0, ..., e_{K-1}]` (float32, on the device). Step k reads the
 step index from a device tensor, forms the model input from the schedule's coefficient row k (see
 schedule.py), runs the denoiser, applies guidance and writes e_k into the history. Nothing in a step reads a
-value back to the host or branches on data, so a backend may capture `step` in a CUDA graph and replay it.
+value back to the host or branches on data, so a backend may capture `step` in a CUDA graph and replay it
+(`StepGraph`, below).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,3 +115,59 @@ def make_step(
 
 def final_latents(state: DenoiseState, dtype: torch.dtype) -> torch.Tensor:
     return state.latents(state.out_coef).to(dtype)
+
+
+# ---- the step as one CUDA graph ---------------------------------------------------------------------------------
+def graph_key(state: DenoiseState) -> tuple[object, ...]:
+    """Shapes and dtypes of every buffer the step reads or writes: one captured graph per key. Values
+    (noise, text embeddings, guidance scale, schedule) are copied into the graph's buffers per call."""
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in state.buffers().items())
+
+
+@dataclass
+class StepGraph:
+    """One denoising step captured in a CUDA graph over static buffers, replayed for every step."""
+
+    state: DenoiseState  # the graph's own buffers (a clone of the state it was captured for)
+    graph: torch.cuda.CUDAGraph
+    capture_s: float
+
+    @classmethod
+    def capture(
+        cls,
+        state: DenoiseState,
+        make_step: Callable[[DenoiseState], Callable[[], None]],
+        *,
+        pool: object | None = None,
+        warmup: int = 1,
+    ) -> StepGraph:
+        """Capture `make_step(static)` for `state`'s shapes on the current stream's device.
+
+        The warm-up runs first on a side stream, outside the graph: lazy initialisation (cuBLAS handles and
+        workspaces, cuDNN attention plans, kernels loaded from the compile cache) must not be captured.
+        """
+        start = time.perf_counter()
+        device = state.history.device
+        static = state.clone()
+        step = make_step(static)
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                static.index.zero_()
+                step()
+        current.wait_stream(side)
+        static.index.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            step()
+        return cls(static, graph, time.perf_counter() - start)
+
+    def run(self, state: DenoiseState, on_step: Callable[[], None]) -> DenoiseState:
+        """Copy `state`'s values in, replay the step `num_steps` times; the graph's state holds the result."""
+        self.state.load(state)
+        for _ in range(state.num_steps):
+            self.graph.replay()
+            on_step()
+        return self.state

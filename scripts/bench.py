@@ -15,17 +15,20 @@ the same request (prompt, size, steps, guidance, seed) on the same weights:
                       left out on CPU unless --configs names it
   adaptive            compile with the backend's default specialization (torch: generic dynamic-shape kernels),
                       iterations 1..K: 1 = fallback/compile, later = compiled
-  lazy_graphs         compile + lazy specialization (specialized kernels built in the background) + CUDA graphs;
-                      only when --configs names it
   adaptive_graphs     the same with the denoising step captured in a CUDA graph (CUDA only)
   static              compile + eager specialization, shapes built ahead by a warm-up call at the measured shape
-  start               cold vs warm start: the first image of a fresh process with an empty cache, then of a
-                      second fresh process reusing the cache the first one saved
+  static_graphs       the same with CUDA graphs (the specialization decision: static vs dynamic-shape code);
+                      only when --configs names it
+  fp8_torchao         adaptive_graphs with fp8 Linear layers through torchao (per-row scales); opt-in
+  fp8_scaled_mm       the same through our own torch._scaled_mm module; opt-in
+  start               cold vs warm vs shipped start: the first image of a fresh process with an empty cache,
+                      of a second fresh process reusing the cache the first one saved, and of a third with an
+                      empty user folder and that cache shipped (caches/ + manifest, as prewarm.py ships it)
 
 Each in-process configuration loads its own pipeline and compiles into empty caches (inductor, triton and the
 project's cache folder), so its first call is an honest cold compile. Each call is timed between device
-synchronizations; peak GPU memory is reset per configuration. Ratios are against diffusers eager measured in
-the same run. Output: a table on stdout (printed last), the JSON with every figure and the environment, and
+synchronizations; peak GPU memory is reset per configuration. Ratios are against diffusers eager and
+diffusers compiled measured in the same run. Output: a table on stdout (printed last), the JSON with every figure and the environment, and
 a bar chart in the style of TensorRT-RTX's adaptive-inference chart.
 """
 
@@ -71,10 +74,12 @@ ALL_CONFIGS = (
     "adaptive",
     "adaptive_graphs",
     "static",
+    "static_graphs",
+    "fp8_torchao",
+    "fp8_scaled_mm",
     "start",
-    "lazy_graphs",
 )
-OPT_IN_CONFIGS = ("lazy_graphs",)  # measured only when --configs names them
+OPT_IN_CONFIGS = ("static_graphs", "fp8_torchao", "fp8_scaled_mm")  # measured only when --configs names them
 DIFFUSERS_CONFIGS = ("diffusers_eager", "diffusers_compiled")
 
 # Published by NVIDIA for TensorRT-RTX adaptive inference; a reference for the chart's shape, not our data.
@@ -125,9 +130,10 @@ class OursSpec:
     """Backend options of one configuration of our pipeline (names as TorchBackend takes them)."""
 
     label: str
-    specialization: str | None  # None: the backend's default (torch: "none", measured fastest)
+    specialization: str | None  # None: the backend's default (torch: "none", generic dynamic-shape code)
     cuda_graphs: bool
     compiled: bool  # follows --compile when True, forced off when False
+    extra: tuple[tuple[str, Any], ...] = ()  # options of this configuration only (fp8 kernels)
 
     def options(self, compile_on: bool, precision: str | None) -> dict[str, Any]:
         opts: dict[str, Any] = {"compile": self.compiled and compile_on, "cuda_graphs": self.cuda_graphs}
@@ -135,6 +141,7 @@ class OursSpec:
             opts["specialization"] = self.specialization
         if precision:
             opts["precision"] = precision
+        opts.update(self.extra)
         return opts
 
 
@@ -142,16 +149,29 @@ OURS = {
     "eager": OursSpec("ours, eager", "none", cuda_graphs=False, compiled=False),
     "adaptive": OursSpec("ours, adaptive (compile)", None, cuda_graphs=False, compiled=True),
     "adaptive_graphs": OursSpec("ours, adaptive + CUDA graphs", None, cuda_graphs=True, compiled=True),
-    "lazy_graphs": OursSpec("ours, lazy specialization + graphs", "lazy", cuda_graphs=True, compiled=True),
     "static": OursSpec("ours, static (built ahead)", "eager", cuda_graphs=False, compiled=True),
+    "static_graphs": OursSpec("ours, static + CUDA graphs", "eager", cuda_graphs=True, compiled=True),
+    "fp8_torchao": OursSpec(
+        "ours, fp8 torchao + graphs", None, True, True, (("precision", "fp8"), ("fp8_kernel", "torchao"))
+    ),
+    "fp8_scaled_mm": OursSpec(
+        "ours, fp8 own _scaled_mm + graphs",
+        None,
+        True,
+        True,
+        (("precision", "fp8"), ("fp8_kernel", "scaled_mm")),
+    ),
 }
+MEASURED_OURS = ("adaptive", "adaptive_graphs", "static", "static_graphs", "fp8_torchao", "fp8_scaled_mm")
 LABELS = {
     **{name: spec.label for name, spec in OURS.items()},
     "diffusers_eager": "diffusers, eager",
     "diffusers_compiled": "diffusers, compile_repeated_blocks",
     "cold_start": "new process, empty cache",
     "warm_start": "new process, warm cache",
+    "shipped_start": "new process, shipped cache",
 }
+START_CONFIGS = ("cold_start", "warm_start", "shipped_start")
 
 
 @dataclass
@@ -176,7 +196,8 @@ class ConfigResult:
     load_s: float | None = None
     calls: list[Call] = field(default_factory=list)
     new_size_calls: list[Call] = field(default_factory=list)  # --new-size: first and second call there
-    peak_memory_gib: float | None = None
+    peak_memory_gib: float | None = None  # loading and serving, above what was allocated before loading
+    serving_peak_gib: float | None = None  # the same, counted from the end of loading (weights + work)
     max_abs_diff: float | None = None  # images against ours eager, same request
     process_s: float | None = None  # start only: the whole subprocess, imports included
     cache_save_s: float | None = None  # start only: pipe.close() persisting the cache
@@ -345,11 +366,8 @@ class Setup:
 
 
 def finish(pipe: Pipeline, result: ConfigResult | None) -> None:
-    """Let background specializations end (untimed), record the backend's own stats, save its cache."""
+    """Record the backend's own stats, save its cache."""
     backend = pipe.backend
-    wait = getattr(backend, "wait_for_specialization", None)
-    if wait is not None:
-        wait()
     stats = getattr(backend, "stats", None)
     if result is not None and stats is not None and dataclasses.is_dataclass(stats):
         result.backend_stats = asdict(stats)
@@ -372,6 +390,8 @@ def measure_ours(setup: Setup, name: str, reference: np.ndarray | None) -> Confi
         result = ConfigResult(
             name, spec.label, options=options, backend=pipe.backend.describe(), load_s=load_s
         )
+        load_peak = peak_memory_gib(setup.device, baseline)
+        reset_peak_memory(setup.device)
         try:
             # static: calls[0] is the warm-up that builds the measured shape ahead, then K timed calls
             count = setup.iterations + (1 if name == "static" else 0)
@@ -387,7 +407,8 @@ def measure_ours(setup: Setup, name: str, reference: np.ndarray | None) -> Confi
                     call, _ = call_ours(pipe, setup.request, height, width)
                     result.new_size_calls.append(call)
                 logger.info("%s: new size %dx%d first %.3f s", name, height, width, call.seconds)
-            result.peak_memory_gib = peak_memory_gib(setup.device, baseline)
+            result.serving_peak_gib = peak_memory_gib(setup.device, baseline)
+            result.peak_memory_gib = max(load_peak or 0.0, result.serving_peak_gib or 0.0) or None
         finally:
             finish(pipe, result)
             del pipe
@@ -506,30 +527,60 @@ def measure_eager_and_diffusers(
 
 
 def measure_start(setup: Setup, argv_common: list[str]) -> list[ConfigResult]:
-    """Cold then warm start, each in its own process: the first with an empty cache folder, the second with
-    the folder the first one saved. Inductor and triton get an empty folder in both, so the warm process can
-    only be helped by the project's persisted cache."""
+    """Cold, warm and shipped start, each in its own process: the first with an empty cache folder, the
+    second with the folder the first one saved, the third with an empty user folder and the first one's cache
+    shipped as prewarm.py ships it (caches/ + manifest). Inductor and triton get an empty folder in each, so
+    only the project's persisted cache can help."""
     name = "adaptive_graphs" if setup.device.type == "cuda" else "adaptive"
     options = OURS[name].options(setup.compile_on, setup.precision)
     cache_dir = setup.config_dir("start") / "cache"
-    results = []
-    for which in ("cold_start", "warm_start"):
-        result = run_first_image_process(setup, which, options, cache_dir, argv_common)
-        results.append(result)
-        if not result.ok:
-            if which == "cold_start":
-                results.append(skipped("warm_start", "the cold-start process did not complete"))
-            break
+    results = [run_first_image_process(setup, "cold_start", options, cache_dir, argv_common)]
+    if not results[0].ok:
+        return [*results, *(skipped(n, "the cold-start process did not complete") for n in START_CONFIGS[1:])]
+    shipped = ship_cache(cache_dir, setup.config_dir("shipped"))
+    results.append(run_first_image_process(setup, "warm_start", options, cache_dir, argv_common))
+    user_dir = setup.config_dir("shipped_start") / "cache"
+    results.append(
+        run_first_image_process(setup, "shipped_start", options, user_dir, argv_common, shipped_dir=shipped)
+    )
     return results
 
 
+def ship_cache(cache_dir: Path, shipped_dir: Path) -> Path:
+    """Put the cache a process saved under `cache_dir` into a shipped-caches folder with its manifest entry,
+    as scripts/prewarm.py does."""
+    from pipeline.cache import SHIPPED_FILE, ShippedCache, atomic_write_bytes, sha256_file, update_manifest
+
+    for cache in cache_dir.glob("*/runtime/*.cache"):
+        model_key, platform_key = cache.parents[1].name, cache.stem
+        target = shipped_dir / model_key / platform_key / SHIPPED_FILE
+        atomic_write_bytes(target, cache.read_bytes())
+        entry = ShippedCache(
+            model_id=model_key.rsplit("-", 1)[0],
+            model_hash=model_key.rsplit("-", 1)[1],
+            model_key=model_key,
+            platform_key=platform_key,
+            backend=platform_key.split("-", 1)[0],
+            precision="",
+            files={SHIPPED_FILE: {"sha256": sha256_file(target), "size": target.stat().st_size}},
+        )
+        update_manifest(shipped_dir, entry)
+    return shipped_dir
+
+
 def run_first_image_process(
-    setup: Setup, which: str, options: dict[str, Any], cache_dir: Path, argv_common: list[str]
+    setup: Setup,
+    which: str,
+    options: dict[str, Any],
+    cache_dir: Path,
+    argv_common: list[str],
+    shipped_dir: Path | None = None,
 ) -> ConfigResult:
     folder = setup.config_dir(which)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "result.json"
     env = dict(os.environ)
+    env["ADAPTIVE_DIFFUSION_SHIPPED_CACHES"] = str(shipped_dir or folder / "no-shipped-caches")
     env["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
     env["TRITON_CACHE_DIR"] = str(folder / "triton")
     command = [
@@ -571,6 +622,9 @@ def first_image_worker(setup: Setup, options: dict[str, Any], cache_dir: Path, o
         print(f"error: backend rejected the options: {e}", file=sys.stderr)
         return 2
     result = ConfigResult(name, LABELS[name], options=options, backend=pipe.backend.describe(), load_s=load_s)
+    result.backend_stats = (
+        {"loaded_before_first_call": asdict(pipe.backend.stats)} if hasattr(pipe.backend, "stats") else {}
+    )
     for _ in range(setup.iterations):
         call, _ = call_ours(pipe, setup.request)
         result.calls.append(call)
@@ -642,8 +696,15 @@ def summary(results: list[ConfigResult]) -> dict[str, float | None]:
         "cuda_graphs_speedup": ratio(steady("adaptive"), steady("adaptive_graphs")),
         "iteration1_over_steady_adaptive": ratio(first("adaptive"), steady("adaptive")),
         "static_over_adaptive_steady": ratio(steady("static"), steady("adaptive")),
+        "static_graphs_over_adaptive_graphs_steady": ratio(
+            steady("static_graphs"), steady("adaptive_graphs")
+        ),
         "warm_over_cold_warmup_overhead": ratio(overhead("warm_start"), overhead("cold_start")),
         "warm_over_cold_first_call": ratio(first("warm_start"), first("cold_start")),
+        "warm_start_overhead_s": overhead("warm_start"),
+        "shipped_start_overhead_s": overhead("shipped_start"),
+        "cold_start_first_call_s": first("cold_start"),
+        "fp8_torchao_over_scaled_mm_steady": ratio(steady("fp8_torchao"), steady("fp8_scaled_mm")),
     }
     for name in ("adaptive", "adaptive_graphs"):
         if name in r and len(r[name].new_size_calls) == 2:
@@ -652,8 +713,8 @@ def summary(results: list[ConfigResult]) -> dict[str, float | None]:
     return out
 
 
-def vs_diffusers_eager(result: ConfigResult, base: ConfigResult | None) -> dict[str, float | None]:
-    """Speed-ups (diffusers eager seconds / ours) and memory ratio against diffusers eager, same run."""
+def vs_diffusers(result: ConfigResult, base: ConfigResult | None) -> dict[str, float | None]:
+    """Speed-ups (diffusers' seconds / ours) and memory ratio against a diffusers configuration, same run."""
     if base is None or not base.ok or not result.ok:
         return {}
     out: dict[str, float | None] = {
@@ -667,13 +728,15 @@ def vs_diffusers_eager(result: ConfigResult, base: ConfigResult | None) -> dict[
 
 def report(setup: Setup, model: str, env: dict[str, Any], results: list[ConfigResult]) -> dict[str, Any]:
     base = by_name(results).get("diffusers_eager")
+    compiled = by_name(results).get("diffusers_compiled")
     configs = {}
     for result in results:
         entry = asdict(result)
         entry["first_s"] = result.first_s
         entry["steady_s"] = result.steady_s
         entry["warmup_overhead_s"] = result.warmup_overhead_s
-        entry["vs_diffusers_eager"] = vs_diffusers_eager(result, base)
+        entry["vs_diffusers_eager"] = vs_diffusers(result, base)
+        entry["vs_diffusers_compiled"] = vs_diffusers(result, compiled)
         configs[result.name] = entry
     return {
         "model": model,
@@ -706,10 +769,12 @@ def table(data: dict[str, Any], results: list[ConfigResult]) -> str:
         f"on {env['device_name']} ({env['device']})  torch {env['versions']['torch']}  "
         f"diffusers {env['versions']['diffusers']}  {env['date']}",
         "",
-        f"{'configuration':<36} {'first s':>9} {'steady s':>9} {'vs diffusers eager':>19} {'peak GiB':>9}  notes",
+        f"{'configuration':<36} {'first s':>9} {'steady s':>9} {'vs eager':>9} {'vs compiled':>11} "
+        f"{'peak GiB':>9} {'serving':>8}  notes   (vs: diffusers' steady seconds / ours, same run)",
     ]
     for result in results:
         ratios = data["configs"][result.name]["vs_diffusers_eager"]
+        against_compiled = data["configs"][result.name]["vs_diffusers_compiled"]
         if result.ok:
             note = ", ".join(f"{k}={v}" for k, v in result.options.items())
             if result.max_abs_diff is not None:
@@ -718,7 +783,9 @@ def table(data: dict[str, Any], results: list[ConfigResult]) -> str:
             note = f"{result.status}: {result.reason}"
         lines.append(
             f"{result.label:<36} {fmt(result.first_s):>9} {fmt(result.steady_s):>9} "
-            f"{fmt(ratios.get('steady_speedup'), '.2f', 'x'):>19} {fmt(result.peak_memory_gib, '.2f'):>9}  {note}"
+            f"{fmt(ratios.get('steady_speedup'), '.2f', 'x'):>9} "
+            f"{fmt(against_compiled.get('steady_speedup'), '.2f', 'x'):>11} "
+            f"{fmt(result.peak_memory_gib, '.2f'):>9} {fmt(result.serving_peak_gib, '.2f'):>8}  {note}"
         )
     lines += ["", "per call (seconds): total = text encoders + denoise + VAE decoder"]
     for result in results:
@@ -731,7 +798,7 @@ def table(data: dict[str, Any], results: list[ConfigResult]) -> str:
     r = by_name(results)
     if "cold_start" in r:
         lines += ["", "start in a new process (load = from_pretrained, overhead = first call - steady)"]
-        for name in ("cold_start", "warm_start"):
+        for name in START_CONFIGS:
             if name in r and r[name].ok:
                 x = r[name]
                 lines.append(
@@ -874,7 +941,7 @@ def selected_configs(args: argparse.Namespace, device: torch.device) -> list[str
 
 
 def make_setup(args: argparse.Namespace, work_dir: Path) -> Setup:
-    from pipeline.pipeline import parse_device
+    from pipeline.options import parse_device
 
     if args.iterations < 1:
         raise InvalidInputError(f"--iterations must be at least 1, got {args.iterations}")
@@ -930,7 +997,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> int:
     if "eager" in names or any(n in names for n in DIFFUSERS_CONFIGS):
         measured, reference = measure_eager_and_diffusers(setup, names)
         results += measured
-    for name in ("adaptive", "adaptive_graphs", "static", "lazy_graphs"):
+    for name in MEASURED_OURS:
         if name not in names:
             continue
         try:

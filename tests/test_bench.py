@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-SECTIONS = ("eager", "diffusers_eager", "adaptive", "static", "cold_start", "warm_start")
+SECTIONS = ("eager", "diffusers_eager", "adaptive", "static", "cold_start", "warm_start", "shipped_start")
 
 
 def run_bench(model: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
@@ -54,7 +54,7 @@ def test_bench_measures_every_section(model: str, tmp_path: Path) -> None:
     call = configs["adaptive"]["calls"][1]
     assert set(call["stages"]) >= {"text_encoders", "denoise", "vae_decoder", "total"}
     assert configs["diffusers_eager"]["max_abs_diff"] < 1e-3
-    for name in ("eager", "adaptive", "static", "cold_start", "warm_start"):
+    for name in ("eager", "adaptive", "static", "cold_start", "warm_start", "shipped_start"):
         assert positive_finite(configs[name]["vs_diffusers_eager"]["steady_speedup"]), name
     assert positive_finite(configs["cold_start"]["load_s"])
     assert positive_finite(configs["warm_start"]["process_s"])

@@ -1,9 +1,14 @@
-"""fp8 dynamic quantization of Linear layers (float8_e4m3fn, through torch._scaled_mm).
+"""fp8 dynamic quantization of Linear layers (float8_e4m3fn): weights quantized once with one scale per
+output channel, activations on every call with one scale per row (token), so an outlier token does not
+crush the others. The fp8 weights replace the bf16 ones (memory goes down).
 
-Weights are quantized once with one scale per output channel; activations are quantized on every call
-with one scale per row (token), so an outlier token does not crush the others. Inside a compiled region the
-activation quantization (amax, divide, cast) fuses into one kernel before the fp8 matrix product.
-Needs a GPU with fp8 matrix units (compute capability 8.9 or newer).
+Two kernels, same scheme:
+- "torchao": torchao's `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())` (pip extra `fp8`).
+- "scaled_mm": our own small module over `torch._scaled_mm` (below), which needs nothing beyond torch.
+`DEFAULT_KERNEL` is torchao where it is installed; the other stays selectable (`fp8_kernel=`) and both are
+measured side by side by scripts/bench.py (see the README).
+Inside a compiled region the activation quantization (amax, divide, cast) fuses into one kernel before the
+fp8 matrix product. Needs a GPU with fp8 matrix units (compute capability 8.9 or newer).
 """
 
 from __future__ import annotations
@@ -75,9 +80,24 @@ def _eligible(name: str, linear: nn.Linear) -> bool:
     return n >= MIN_FEATURES and k >= MIN_FEATURES and n % 16 == 0 and k % 16 == 0
 
 
-def quantize_linears(module: nn.Module, within: tuple[type, ...] | None = None) -> int:
-    """Replace the eligible nn.Linear layers of `module` (inside blocks of types `within`, when given) by
-    Fp8Linear, in place. Returns how many were replaced."""
+def torchao_available() -> bool:
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+DEFAULT_KERNEL = "torchao" if torchao_available() else "scaled_mm"
+
+
+def quantize_linears(
+    module: nn.Module, kernel: str = "scaled_mm", within: tuple[type, ...] | None = None
+) -> int:
+    """Quantize the eligible nn.Linear layers of `module` (inside blocks of types `within`, when given) to
+    fp8 in place with `kernel` ("torchao" or "scaled_mm"). Returns how many were quantized."""
+    if kernel == "torchao":
+        return _quantize_torchao(module)
     count = 0
     roots = [m for m in module.modules() if within is None or isinstance(m, within)] or [module]
     for root in roots:
@@ -89,3 +109,19 @@ def quantize_linears(module: nn.Module, within: tuple[type, ...] | None = None) 
                     count += 1
     logger.info("fp8: quantized %d linear layers", count)
     return count
+
+
+def _quantize_torchao(module: nn.Module) -> int:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    chosen: list[str] = []
+
+    def eligible(child: nn.Module, name: str) -> bool:
+        ok = type(child) is nn.Linear and _eligible(name, child)
+        if ok:
+            chosen.append(name)
+        return ok
+
+    quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=eligible)
+    logger.info("fp8 (torchao, per-row): quantized %d linear layers", len(chosen))
+    return len(chosen)

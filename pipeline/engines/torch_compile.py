@@ -1,240 +1,399 @@
-"""Regional torch.compile of a stage, with adaptive shape specialization.
+"""Regional compilation of a stage, ahead of time, so a new process loads compiled code instead of tracing.
 
-Each repeated block of a module (the FLUX transformer blocks, the UNet's attention and resnet blocks, the
-VAE decoder's resnets) is wrapped by a `CompiledBlock` holding two compiled versions of the same block:
+Each repeated block of a module (FLUX's transformer blocks, the UNet's attention and resnet blocks) is wrapped
+in a `CompiledRegion`. Blocks of one kind share compiled code: the code is compiled for a function that takes
+the block as an argument (`_run_block(block, *args)`), so its parameters are inputs of the compiled graph and
+one artifact serves all 19 double blocks of FLUX, another all 38 single blocks.
 
-- generic: compiled once with dynamic shapes; it serves every resolution without recompiling.
-- special: compiled with static shapes, once per shape; kernels specialized for that shape.
+Compilation is ahead-of-time (`torch.compile(...).aot_compile`, torch's precompile API): the artifact holds
+dynamo's bytecode, Inductor's code and the Triton kernels, and is saved into the model's one compile cache
+(compile_cache.py). A new process deserializes it (milliseconds) and runs it: no tracing, no Inductor, no
+kernel compiles. Guards are kept only for what compiled code really depends on and what serializes (tensor
+dtypes, devices and static sizes; the symbolic shape conditions); everything else an artifact depends on
+(the block's class, parameter shapes, non-tensor attributes, attention processor) is in its key, so a guard
+we drop is never one that could differ.
 
-Blocks of one class share their compiled code (torch.compile caches per code object, and the parameters are
-graph inputs), so a FLUX transformer compiles two graphs per version, not 57.
+Dynamic shapes: an artifact is compiled with dynamic sizes, so one serves every resolution (image tokens,
+latent height/width, text length) of its shape class. Torch specializes sizes 0 and 1, so batch 1 and batch
+> 1 are two classes: a call whose inputs fail every artifact's guards compiles one more artifact for its class
+(and it is saved). `Specialization.EAGER` compiles static-shape artifacts instead, one per shape.
 
-`Regions.run(inputs, call)` picks the version for the shapes of `inputs` by `Specialization`:
-none -> always generic; eager -> block on the first call at a shape to compile the special version;
-lazy -> serve at once with the generic version while a background thread compiles the special one on a side
-stream, and use it from the first call after it is ready.
+Where ahead-of-time compilation is unavailable (older torch) or fails for a block (an op that does not
+serialize), that block kind falls back to plain `torch.compile` (JIT), said in one line; its kernels still
+persist through Inductor's caches (compile_cache.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
-import threading
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from torch import nn
 
 from .base import Specialization
+from .compile_cache import NATIVE_GROUP, ArtifactStore
 
 logger = logging.getLogger(__name__)
 
-ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
-
 # Block classes compiled as regions, besides a model's own `_repeated_blocks` (diffusers' regional list).
 EXTRA_REGIONS = ("ResnetBlock2D",)
+# Guard types kept in artifacts: what compiled code depends on and what serializes. The rest (module
+# identity, attribute values, globals) is covered by the artifact key (`block_fingerprint`).
+KEPT_GUARDS = frozenset({"TENSOR_MATCH", "SHAPE_ENV", "DEFAULT_DEVICE"})
 
 
-class Variant(StrEnum):
-    EAGER = "eager"
-    GENERIC = "generic"
-    SPECIAL = "special"
+def _run_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """What every region compiles: the block's own (class) forward on the block. The block is an argument;
+    its instance `forward` is the CompiledForward hook that calls this, so the class forward is kept on the
+    block as a plain function (nothing of the hook may be reachable from compiled code: it holds artifacts)."""
+    return block._class_forward(block, *args, **kwargs)
 
 
-# Held by a background specialization while it runs GPU work, and by a CUDA graph capture.
-GPU_WORK_LOCK = threading.Lock()
-
-_local = threading.local()  # the variant the blocks run, per thread (the background compile runs special)
+def _keep_guards(entries: Sequence[Any]) -> list[bool]:
+    return [entry.guard_type in KEPT_GUARDS for entry in entries]
 
 
-def _current() -> Variant:
-    return getattr(_local, "variant", Variant.EAGER)
+def aot_available() -> tuple[bool, str]:
+    """Whether this torch has the ahead-of-time compile API, and why not."""
+    if not hasattr(torch.compiler, "load_compiled_function"):
+        return False, f"torch {torch.__version__} has no torch.compiler.load_compiled_function"
+    if not hasattr(torch._dynamo.config, "enable_aot_compile"):
+        return False, f"torch {torch.__version__} has no torch._dynamo.config.enable_aot_compile"
+    return True, "ok"
 
 
-class CompiledBlock(nn.Module):
-    """One region: calls the block itself, its generic or its special compiled version."""
+def configure_dynamo() -> None:
+    """Process-wide settings compiled regions rely on."""
+    cfg = torch._dynamo.config
+    if hasattr(cfg, "enable_aot_compile"):
+        cfg.enable_aot_compile = True  # off by default in torch 2.11
+    # Python floats inside blocks (scales, eps) stay constants: a float turned into a graph input makes
+    # aot_compile restart its analysis, which it cannot do.
+    cfg.specialize_float = True
+    cfg.recompile_limit = max(cfg.recompile_limit, 64)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
 
-    def __init__(self, block: nn.Module, compile_kwargs: dict[str, Any]) -> None:
-        super().__init__()
+
+# ---- what an artifact depends on ------------------------------------------------------------------------------
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _attribute_value(value: Any) -> Any:
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, tuple | list) and all(isinstance(v, _SCALARS) for v in value):
+        return tuple(value)
+    if isinstance(value, torch.dtype | torch.device):
+        return str(value)
+    if callable(value) and hasattr(value, "__qualname__"):  # activation functions and the like
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return None
+
+
+def block_fingerprint(block: nn.Module) -> str:
+    """Everything about a block that compiled code bakes in: its classes, non-tensor attributes, attention
+    processors, and the names, shapes and dtypes of its parameters and buffers. Blocks with equal
+    fingerprints can share an artifact."""
+    h = hashlib.sha256()
+    for name, module in block.named_modules():
+        h.update(f"{name}:{type(module).__module__}.{type(module).__qualname__}\n".encode())
+        for attr, value in sorted(vars(module).items()):
+            if attr.startswith("_") or attr == "training":
+                continue
+            described = _attribute_value(value)
+            if described is not None:
+                h.update(f"  {attr}={described!r}\n".encode())
+        processor = getattr(module, "processor", None)
+        if processor is not None:
+            h.update(f"  processor={type(processor).__qualname__}\n".encode())
+    for name, tensor in (*block.named_parameters(), *block.named_buffers()):
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{type(tensor).__name__}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _describe_input(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", value.dim(), str(value.dtype), value.device.type)
+    if isinstance(value, tuple | list):
+        return (type(value).__name__, tuple(_describe_input(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _describe_input(v)) for k, v in value.items())))
+    return ("V", repr(value))
+
+
+def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The structure of a call (tensor ranks, dtypes, devices; other values as such), not its sizes."""
+    text = repr((tuple(_describe_input(a) for a in args), _describe_input(kwargs)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---- compiling and loading ------------------------------------------------------------------------------------
+@dataclass
+class RegionStats:
+    """What compiling cost and what the cache gave, for logs and benchmarks."""
+
+    compiled: dict[str, float] = field(default_factory=dict)  # artifact key -> seconds to compile
+    loaded: int = 0  # artifacts deserialized from the cache
+    load_s: float = 0.0
+    jit_kinds: list[str] = field(default_factory=list)  # block kinds on the JIT fallback
+
+
+class RegionCompiler:
+    """Compiles, stores and serves the artifacts of every region of one pipeline."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        *,
+        specialization: Specialization = Specialization.NONE,
+        options: dict[str, Any] | None = None,
+        tag: str = "",
+    ) -> None:
+        self.store = store
+        self.dynamic = specialization is not Specialization.EAGER
+        self.options = dict(options or {})
+        self.tag = tag  # what else artifacts depend on (attention backend, precision...)
+        self.aot, why = aot_available()
+        if not self.aot:
+            logger.info("ahead-of-time compile unavailable (%s); regions use torch.compile", why)
+        self.stats = RegionStats()
+        self._loaded: dict[str, list[Callable[..., Any]]] = {}  # group -> artifacts, in store order
+        self._jit: dict[str, Callable[..., Any]] = {}  # block kind -> torch.compile'd _run_block
+        self._failed_kinds: set[str] = set()
+
+    def preload(self) -> int:
+        """Deserialize every artifact the cache holds (at load time, not in the first request)."""
+        if not self.aot:
+            return 0
+        restore_native(self.store)
+        for group in self.store.groups():
+            if group not in ("inductor", NATIVE_GROUP):
+                self._artifacts(group)
+        return self.stats.loaded
+
+    def group(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        mode = "dyn" if self.dynamic else "static"
+        parts = (type(block).__name__, block_fingerprint(block), call_signature(args, kwargs), mode, self.tag)
+        return "-".join(p for p in parts if p)
+
+    def __call__(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        kind = type(block).__name__
+        if not self.aot or kind in self._failed_kinds:
+            return self._jit_call(kind, block, args, kwargs)
+        group = self.group(block, args, kwargs)
+        artifacts = self._artifacts(group)
+        for fn in artifacts:
+            if fn.guard_check(block, *args, **kwargs):
+                return fn(block, *args, **kwargs)
+        if artifacts and logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "no artifact of %s fits this call: %s",
+                kind,
+                _guard_failure(artifacts[-1], block, args, kwargs),
+            )
+        fn = self._compile(group, kind, block, args, kwargs)
+        if fn is None:
+            return self._jit_call(kind, block, args, kwargs)
+        return fn(block, *args, **kwargs)
+
+    def _artifacts(self, group: str) -> list[Callable[..., Any]]:
+        loaded = self._loaded.setdefault(group, [])
+        keys = self.store.keys(group)
+        if len(loaded) < len(keys):  # deserialize what the cache holds for this group, once
+            start = time.perf_counter()
+            for key in keys[len(loaded) :]:
+                try:
+                    loaded.append(_deserialize(self.store.get(key)))
+                    self.stats.loaded += 1
+                except Exception as e:  # a stale or damaged artifact costs a compile, never the request
+                    logger.warning("ignoring compiled artifact %s: %s", key, _short(e))
+                    self.store.discard(key)
+                    loaded.append(_NeverMatches())
+            self.stats.load_s += time.perf_counter() - start
+        return loaded
+
+    def _compile(
+        self, group: str, kind: str, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        start = time.perf_counter()
+        logger.info(
+            "compiling %s ahead of time (%s shapes)...", kind, "dynamic" if self.dynamic else "static"
+        )
+        try:
+            compiled = torch.compile(
+                _run_block,
+                fullgraph=True,
+                dynamic=self.dynamic,
+                options={**self.options, "guard_filter_fn": _keep_guards},
+            )
+            # sizes that happen to be equal (a token count and a width) must not share one symbol
+            before = native_files()
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                fn = compiled.aot_compile(((block, *args), kwargs))
+            data = _serialize(fn)
+            keep_native(self.store, native_files() - before)
+        except Exception as e:
+            logger.warning(
+                "ahead-of-time compile of %s failed (%s); it uses torch.compile instead", kind, _short(e)
+            )
+            self._failed_kinds.add(kind)
+            return None
+        seconds = time.perf_counter() - start
+        key = self.store.add(group, data)
+        self._loaded.setdefault(group, []).append(fn)
+        self.stats.compiled[key] = seconds
+        logger.info("compiled %s in %.1f s (%.1f MB)", kind, seconds, len(data) / 1e6)
+        return fn
+
+    def _jit_call(self, kind: str, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        fn = self._jit.get(kind)
+        if fn is None:
+            fn = torch.compile(_run_block, fullgraph=True, dynamic=self.dynamic, options=self.options or None)
+            self._jit[kind] = fn
+            self.stats.jit_kinds.append(kind)
+        return fn(block, *args, **kwargs)
+
+
+class _NeverMatches:
+    """Stands in for an artifact that could not be loaded, so indices stay aligned with the store."""
+
+    def guard_check(self, *args: Any, **kwargs: Any) -> bool:
+        return False
+
+
+def _guard_failure(fn: Any, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Why an artifact's guards refuse a call (torch internals, for debug logs only)."""
+    try:
+        f_locals = fn.prepare_f_locals(block, *args, **kwargs)
+        return str(fn._artifacts.guard_manager.check_verbose(f_locals).verbose_code_parts)
+    except Exception as e:
+        return f"unknown ({_short(e)})"
+
+
+def _serialize(fn: Any) -> bytes:
+    fd, path = tempfile.mkstemp(suffix=".aot")
+    os.close(fd)
+    try:
+        fn.save_compiled_function(path)
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(path)
+
+
+def _deserialize(data: bytes) -> Any:
+    # Guards are rebuilt here, relative to the thread's dispatch state: build them in the state calls run in
+    # (engines always run under inference mode), or no tensor ever matches.
+    with torch.inference_mode():
+        return torch.compiler.load_compiled_function(io.BytesIO(data))
+
+
+# ---- CPU kernels: the compiled libraries beside the artifacts -------------------------------------------------
+NATIVE_SUFFIXES = (".so", ".pyd", ".dylib")
+
+
+def _inductor_dir() -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir())
+
+
+def native_files() -> set[str]:
+    """Compiled kernel libraries in Inductor's cache folder, as paths relative to it."""
+    root = _inductor_dir()
+    if not root.is_dir():
+        return set()
+    return {
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix in NATIVE_SUFFIXES and p.is_file()
+    }
+
+
+def keep_native(store: ArtifactStore, paths: set[str]) -> None:
+    root = _inductor_dir()
+    for rel in sorted(paths):
+        try:
+            store.put(f"{NATIVE_GROUP}/{rel}", NATIVE_GROUP, (root / rel).read_bytes())
+        except OSError:  # removed meanwhile: the kernel is compiled again at load
+            continue
+
+
+def restore_native(store: ArtifactStore) -> int:
+    """Put the stored kernel libraries back where Inductor looks for them (never outside its folder)."""
+    from ..cache import atomic_write_bytes
+
+    root, count = _inductor_dir(), 0
+    for key in store.keys(NATIVE_GROUP):
+        rel = PurePosixPath(key.split("/", 1)[1])
+        if rel.is_absolute() or ".." in rel.parts or rel.suffix not in NATIVE_SUFFIXES:
+            store.discard(key)
+            continue
+        target = root.joinpath(*rel.parts)
+        if not target.is_file():
+            try:
+                atomic_write_bytes(target, store.get(key))
+                count += 1
+            except OSError as e:
+                logger.debug("could not restore %s: %s", target, e)
+    return count
+
+
+def _short(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text.splitlines()[0][:300]
+
+
+# ---- the regions of a module -----------------------------------------------------------------------------------
+class CompiledForward:
+    """A block's instance `forward`: runs the block through the compiler (eagerly while not `enabled`).
+
+    Installed as an instance attribute, so the module tree, parameter names and tensors stay exactly as
+    loaded (LoRA, state dicts and diffusers' own code see the same model).
+    """
+
+    def __init__(self, block: nn.Module, compiler: RegionCompiler) -> None:
         self.block = block
-        # plain attributes, not submodules: the parameters stay registered once, under `block`
-        self.__dict__["_versions"] = {
-            Variant.GENERIC: torch.compile(block, dynamic=True, **compile_kwargs),
-            Variant.SPECIAL: torch.compile(block, dynamic=False, **compile_kwargs),
-        }
+        self.compiler = compiler
+        self.original = type(block).forward  # the class's forward function
+        block._class_forward = self.original
+        self.enabled = True
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        variant = _current()
-        if variant is Variant.EAGER:
-            return self.block(*args, **kwargs)
-        return self.__dict__["_versions"][variant](*args, **kwargs)
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Dynamo records the block's __dict__ (which holds this hook) in an artifact's guard state; the hook
+        # holds the compiler and its artifacts, which must not be pickled into every new artifact.
+        return (str, ("CompiledForward",))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled or torch.compiler.is_compiling():
+            return self.original(self.block, *args, **kwargs)
+        return self.compiler(self.block, args, kwargs)
 
 
 def region_classes(module: nn.Module) -> tuple[str, ...]:
     return (*getattr(module, "_repeated_blocks", ()), *EXTRA_REGIONS)
 
 
-def wrap_regions(module: nn.Module, compile_kwargs: dict[str, Any]) -> int:
-    """Wrap every block of `module` whose class is a region in a CompiledBlock, in place (outermost only)."""
+def wrap_regions(module: nn.Module, compiler: RegionCompiler) -> list[CompiledForward]:
+    """Route every block of `module` whose class is a region through `compiler` (outermost blocks only)."""
     names = set(region_classes(module))
-    count = 0
+    hooks: list[CompiledForward] = []
 
     def visit(parent: nn.Module) -> None:
-        nonlocal count
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, CompiledBlock):
-                continue
+        for child in parent.children():
             if type(child).__name__ in names:
-                setattr(parent, child_name, CompiledBlock(child, compile_kwargs))
-                count += 1
+                if not isinstance(child.__dict__.get("forward"), CompiledForward):
+                    child.forward = CompiledForward(child, compiler)
+                hooks.append(child.forward)
             else:
                 visit(child)
 
     visit(module)
-    return count
-
-
-def shape_key(inputs: dict[str, torch.Tensor]) -> ShapeKey:
-    return tuple(sorted((name, tuple(t.shape)) for name, t in inputs.items()))
-
-
-@dataclass
-class RegionStats:
-    """What compiling cost, for logs and benchmarks."""
-
-    generic_compile_s: float = 0.0
-    special_compile_s: dict[str, float] = field(default_factory=dict)
-    served: dict[str, int] = field(default_factory=dict)  # variant -> calls
-
-
-class Regions:
-    """The compiled regions of one stage and the specialization policy over them."""
-
-    def __init__(self, module: nn.Module, specialization: Specialization, compile_kwargs: dict[str, Any]):
-        self.module = module
-        self.specialization = specialization
-        self.count = wrap_regions(module, compile_kwargs)
-        self.stats = RegionStats()
-        self._generic_ready = False
-        self._special: dict[ShapeKey, str] = {}  # key -> "compiling" | "ready" | "failed"
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._pending: dict[ShapeKey, tuple[dict[str, torch.Tensor], Callable[..., Any]]] = {}
-        self.last: tuple[ShapeKey, Variant] | None = None
-
-    def is_special(self, key: ShapeKey) -> bool:
-        return self._special.get(key) == "ready"
-
-    def run(self, inputs: dict[str, torch.Tensor], call: Callable[[dict[str, torch.Tensor]], Any]) -> Any:
-        """`call(inputs)` with the regions set to the variant chosen for these shapes."""
-        key = shape_key(inputs)
-        variant = self._choose(key, inputs, call)
-        self.last = (key, variant)
-        self.stats.served[variant] = self.stats.served.get(variant, 0) + 1
-        start = time.perf_counter()
-        if variant is Variant.SPECIAL and not self.is_special(key):  # eager: block once for this shape
-            self._compile_special(key, inputs, call)
-            if not self.is_special(key):
-                variant = Variant.GENERIC
-        result = _run_as(variant, call, inputs)
-        if variant is Variant.GENERIC and not self._generic_ready:
-            self._generic_ready = True
-            self.stats.generic_compile_s = time.perf_counter() - start
-            logger.info("compiled %d generic regions in %.1f s", self.count, self.stats.generic_compile_s)
-        return result
-
-    def _choose(self, key: ShapeKey, inputs: dict[str, torch.Tensor], call: Callable[..., Any]) -> Variant:
-        if self.specialization is Specialization.NONE or self.is_special(key):
-            return Variant.SPECIAL if self.is_special(key) else Variant.GENERIC
-        if self.specialization is Specialization.EAGER:
-            return Variant.GENERIC if self._special.get(key) == "failed" else Variant.SPECIAL
-        # lazy: the first call at a shape never waits for a compile; the specialization starts after the
-        # request (start_pending), in the background
-        if self._generic_ready and key not in self._special and key not in self._pending:
-            self._pending[key] = ({k: v.clone() for k, v in inputs.items()}, call)
-        return Variant.GENERIC
-
-    def start_pending(self) -> None:
-        """Start the background specializations asked for by lazy calls (after a request is served)."""
-        with self._lock:
-            pending, self._pending = self._pending, {}
-            for key, (inputs, call) in pending.items():
-                if key in self._special:
-                    continue
-                self._special[key] = "compiling"
-                thread = threading.Thread(
-                    target=self._compile_special,
-                    args=(key, inputs, call, True),
-                    name="specialize",
-                    daemon=True,
-                )
-                self._threads.append(thread)
-                thread.start()
-
-    def _compile_special(
-        self,
-        key: ShapeKey,
-        inputs: dict[str, torch.Tensor],
-        call: Callable[..., Any],
-        background: bool = False,
-    ) -> None:
-        if self._special.get(key) in ("ready", "failed"):
-            return
-        start = time.perf_counter()
-        try:
-            device = next(iter(inputs.values())).device if inputs else torch.device("cpu")
-            if background and device.type == "cuda":
-                # never while a CUDA graph is being captured: work on another stream would invalidate it
-                with GPU_WORK_LOCK:
-                    stream = torch.cuda.Stream(device)
-                    stream.wait_stream(torch.cuda.current_stream(device))
-                    with torch.inference_mode(), torch.cuda.stream(stream):
-                        _run_as(Variant.SPECIAL, call, inputs)
-                    stream.synchronize()
-            else:
-                with torch.inference_mode():
-                    _run_as(Variant.SPECIAL, call, inputs)
-        except Exception as e:  # a failed specialization costs speed, never the request
-            logger.warning("shape-specialized compile failed (%s); staying on generic kernels", e)
-            self._special[key] = "failed"
-            return
-        seconds = time.perf_counter() - start
-        self.stats.special_compile_s[_describe(key)] = seconds
-        self._special[key] = "ready"
-        logger.info(
-            "specialized kernels ready for %s in %.1f s%s",
-            _describe(key),
-            seconds,
-            " (background)" if background else "",
-        )
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Wait for background specializations (for benchmarks and tests)."""
-        for thread in list(self._threads):
-            thread.join(timeout)
-
-
-def _run_as(variant: Variant, call: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> Any:
-    previous = _current()
-    _local.variant = variant
-    try:
-        return call(inputs)
-    finally:
-        _local.variant = previous
-
-
-def _describe(key: ShapeKey) -> str:
-    return ",".join(f"{name}{list(shape)}" for name, shape in key)
-
-
-def configure_dynamo() -> None:
-    """Room for one compiled entry per shape and block class."""
-    cfg = torch._dynamo.config
-    # A lazy specialization traces in a background thread, and FX's "tracing now" flag is process-wide: a
-    # compiled call made meanwhile on the request's thread must run eager instead of raising.
-    cfg.error_on_nested_fx_trace = False
-    cfg.recompile_limit = max(cfg.recompile_limit, 64)
-    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
+    return hooks

@@ -1,14 +1,16 @@
 """The torch backend: each stage is the diffusers module itself, made fast three ways.
 
-1. Compiled stages: regional torch.compile over the denoiser's repeated blocks, with adaptive shape
-   specialization (torch_compile.py); the VAE decoder's resnets too where COMPILE_VAE is set (measured: not
-   worth its compile time, see below).
+1. Compiled regions, ahead of time: the denoiser's repeated blocks are compiled once per block kind with
+   dynamic shapes (torch_compile.py) and the artifacts persist, so a new process loads compiled code instead
+   of tracing it.
 2. A CUDA graph of the whole denoising step (denoiser + guidance + schedule update), captured once per shape
-   over static buffers and replayed for every step: no host sync, no per-kernel launch cost in the loop.
-3. A persistent compile cache: Inductor's artifacts (torch.compiler.save_cache_artifacts) in the model's one
-   runtime cache file per platform (pipeline/cache.py: locked, atomic, validated), loaded at start.
+   over static buffers (denoise.StepGraph) and replayed for every step: no host sync, no launch cost.
+3. One persistent compile cache per model and platform (compile_cache.py, in pipeline/cache's locked,
+   atomic, validated container), merged on save, shipped by scripts/prewarm.py.
 
-Options (same names as the rtx backend): compile, cuda_graphs, specialization, precision.
+Options (same names as the rtx backend where they mean the same): compile, cuda_graphs, specialization
+(none | eager), precision (fp8: Linear layers in float8), and the measured tuning knobs `attention`,
+`fp8_kernel` and `compile_vae` (defaults below, each with its measurement).
 """
 
 from __future__ import annotations
@@ -25,46 +27,46 @@ import torch
 from ..errors import InvalidInputError
 from ..families import Family, StageSpec
 from .base import Backend, Precision, Specialization
-from .torch_compile import GPU_WORK_LOCK, Regions, ShapeKey, Variant, configure_dynamo
+from .compile_cache import INDUCTOR_GROUP, ArtifactStore, load_store, save_store
+from .torch_compile import CompiledForward, RegionCompiler, RegionStats, configure_dynamo, wrap_regions
 
 if TYPE_CHECKING:
     from ..cache import ModelCache
-    from ..denoise import DenoiseState
+    from ..denoise import DenoiseState, StepGraph
 
 logger = logging.getLogger(__name__)
 
-OPTIONS = ("compile", "cuda_graphs", "specialization", "precision")
+OPTIONS = ("compile", "cuda_graphs", "specialization", "precision", "attention", "fp8_kernel", "compile_vae")
 _PLUMBING = ("cache_dir", "model_cache")  # passed by the pipeline, not by users
-# Default Inductor mode: the large GEMMs go to cuBLAS either way, and max-autotune's GEMM search costs
-# minutes per shape; Inductor's own CUDA graphs stay off (we capture the whole step ourselves).
-COMPILE_KWARGS: dict[str, Any] = {"fullgraph": True}
-CPU_COMPILE_KWARGS: dict[str, Any] = {"fullgraph": True}
-# The VAE decoder stays eager: on an H100 (FLUX-dev, 512x512, 2026-11-24, scripts/bench.py) compiling it took
-# 42-45 s of a 59 s first call and its dynamic-shape graphs mostly missed the persistent cache, for a decode
-# of 0.018 s compiled vs 0.024 s eager. Set True to compile it anyway.
-COMPILE_VAE = False
-# Shape specialization on the torch backend: "none" by default, measured. On an H100 (FLUX-dev, 2026-11-23,
-# scripts/gpu_check.py) generic dynamic-shape kernels ran 1024x1024 in 3.80 s and specialized ones in 3.83 s,
-# 512x512 in 1.209 s both; "eager" blocks 9-24 s per new shape, and "lazy" compiles in a thread that competes
-# for the CPU with the request being served (dynamo tracing is not thread-safe: calls made while it traces
-# run eager). Both stay available as options.
-DEFAULT_SPECIALIZATION = Specialization.NONE
-# Attention kernels on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms
-# against flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
-# scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere. "cudnn" forces it; None never touches it.
-ATTENTION: str | None = "auto"
+# Inductor options for the regions. Default mode: the large GEMMs go to cuBLAS either way; Inductor's own
+# CUDA graphs stay off (we capture the whole step ourselves).
+INDUCTOR_OPTIONS: dict[str, Any] = {}
+# The VAE decoder stays eager by default: on an H100 (FLUX-dev, 512x512, 2026-11-24, scripts/bench.py)
+# compiling it took 42-45 s of a 59 s first call for a decode of 0.018 s compiled vs 0.024 s eager.
+DEFAULT_COMPILE_VAE = False
+# Attention on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms against
+# flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
+# scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere.
+ATTENTION_CHOICES = ("auto", "cudnn", "flash", "default")
+# fp8 Linear kernels: torchao's Float8DynamicActivationFloat8WeightConfig (per-row scales) or our own
+# torch._scaled_mm module (fp8.py); see fp8.py for which is the default and why.
+FP8_KERNELS = ("torchao", "scaled_mm")
+SPECIALIZATIONS = (Specialization.NONE, Specialization.EAGER)
 
 
-def _choose_attention(device: torch.device) -> None:
-    if device.type != "cuda" or ATTENTION is None:
-        return
-    if ATTENTION == "auto" and torch.cuda.get_device_capability(device) < (9, 0):
-        return
-    # process-wide: torch's SDPA flags are global, and must not change between compile and capture
-    torch.backends.cuda.enable_cudnn_sdp(True)
-    torch.backends.cuda.enable_flash_sdp(False)
+def choose_attention(device: torch.device, choice: str) -> str:
+    """Set torch's (process-wide) SDPA backend flags for `choice`; returns the backend in use."""
+    if device.type != "cuda" or choice == "default":
+        return "default"
+    if choice == "auto":
+        choice = "cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "default"
+        if choice == "default":
+            return choice
+    torch.backends.cuda.enable_cudnn_sdp(choice == "cudnn")
+    torch.backends.cuda.enable_flash_sdp(choice == "flash")
     torch.backends.cuda.enable_mem_efficient_sdp(False)
-    logger.info("attention: cuDNN fused attention (faster on this GPU than flash attention)")
+    logger.info("attention: %s fused attention", "cuDNN" if choice == "cudnn" else "flash")
+    return choice
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class TorchOptions:
     cuda_graphs: bool
     specialization: Specialization
     precision: Precision | None
+    attention: str = "auto"
+    fp8_kernel: str | None = None  # None: fp8.DEFAULT_KERNEL
+    compile_vae: bool = DEFAULT_COMPILE_VAE
 
     @classmethod
     def parse(cls, device: torch.device, options: dict[str, Any]) -> TorchOptions:
@@ -90,28 +95,29 @@ class TorchOptions:
             raise InvalidInputError(
                 f"cuda_graphs needs a CUDA device, this is {device.type}; drop --cuda-graphs"
             )
-        spec = options.get("specialization") or DEFAULT_SPECIALIZATION
-        try:
-            specialization = Specialization(spec)
-        except ValueError:
+        specialization = _choice(options, "specialization", Specialization, Specialization.NONE)
+        if specialization not in SPECIALIZATIONS:
             raise InvalidInputError(
-                f"specialization must be one of {', '.join(s.value for s in Specialization)}, got {spec!r}"
-            ) from None
-        precision = None
-        if options.get("precision") is not None:
-            try:
-                precision = Precision(options["precision"])
-            except ValueError:
-                raise InvalidInputError(
-                    f"precision must be one of {', '.join(p.value for p in Precision)}, got {options['precision']!r}"
-                ) from None
+                "specialization lazy is a TensorRT-RTX option; the torch backend serves every size with "
+                "generic dynamic-shape kernels (none, the default) or static ones per size (eager)"
+            )
+        precision = _choice(options, "precision", Precision, None)
         if precision is Precision.FP8:
             from .fp8 import fp8_supported
 
             ok, why = fp8_supported(device)
             if not ok:
                 raise InvalidInputError(f"precision fp8 cannot run here: {why}; use --precision bf16")
-        return cls(compile_, graphs, specialization, precision)
+        attention = options.get("attention") or "auto"
+        if attention not in ATTENTION_CHOICES:
+            raise InvalidInputError(
+                f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}"
+            )
+        kernel = options.get("fp8_kernel")
+        if kernel is not None and kernel not in FP8_KERNELS:
+            raise InvalidInputError(f"fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got {kernel!r}")
+        vae = _flag(options, "compile_vae", default=DEFAULT_COMPILE_VAE)
+        return cls(compile_, graphs, specialization, precision, attention, kernel, vae)
 
 
 def _flag(options: dict[str, Any], name: str, default: bool) -> bool:
@@ -123,35 +129,28 @@ def _flag(options: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+def _choice(options: dict[str, Any], name: str, enum: Any, default: Any) -> Any:
+    value = options.get(name)
+    if value is None:
+        return default
+    try:
+        return enum(value)
+    except ValueError:
+        raise InvalidInputError(
+            f"{name} must be one of {', '.join(v.value for v in enum)}, got {value!r}"
+        ) from None
+
+
 class TorchEngine:
-    """One stage: a diffusers/transformers module called as `engine(**inputs) -> {name: tensor}`.
+    """One stage: a diffusers/transformers module called as `engine(**inputs) -> {name: tensor}`."""
 
-    With `regions`, the call runs through the compiled regions in the variant chosen for the input shapes.
-    """
-
-    def __init__(self, stage: StageSpec, module: torch.nn.Module, regions: Regions | None = None) -> None:
+    def __init__(self, stage: StageSpec, module: torch.nn.Module) -> None:
         self.stage = stage
         self.module = module
-        self.regions = regions
 
     @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.regions is None:
-            return self.stage.forward(self.module, inputs)
-        return self.regions.run(inputs, lambda x: self.stage.forward(self.module, x))
-
-
-@dataclass
-class _Graph:
-    """One captured denoising step over static buffers."""
-
-    state: DenoiseState
-    graph: torch.cuda.CUDAGraph
-    variant: Variant | None
-    denoiser_key: ShapeKey | None
-
-    def load(self, state: DenoiseState) -> None:
-        self.state.load(state)
+        return self.stage.forward(self.module, inputs)
 
 
 @dataclass
@@ -162,6 +161,7 @@ class TorchStats:
     cache_load_s: float = 0.0
     cache_artifacts: int = 0
     captures: dict[str, float] = field(default_factory=dict)
+    regions: RegionStats = field(default_factory=RegionStats)
 
 
 class TorchBackend(Backend):
@@ -172,16 +172,16 @@ class TorchBackend(Backend):
         if self.options.precision is not None:
             dtype = self.options.precision.dtype
         super().__init__(family, device, dtype)
-        _choose_attention(device)
+        self.attention = choose_attention(device, self.options.attention)
         self.stats = TorchStats()
         from ..cache import ModelCache
 
         self.model_cache: ModelCache = options.get("model_cache") or ModelCache.for_model(
             family.source, "torch", device, options.get("cache_dir")
         )
-        self.regions: dict[str, Regions] = {}
-        self._loaded_payload: bytes | None = None
-        self._graphs: dict[tuple[Any, ...], _Graph] = {}
+        self.hooks: list[CompiledForward] = []
+        self.compiler: RegionCompiler | None = None
+        self._graphs: dict[tuple[Any, ...], StepGraph] = {}
         self._pool: Any = None
         self._bypass = False
 
@@ -191,99 +191,90 @@ class TorchBackend(Backend):
             if stage.component not in modules:
                 modules[stage.component] = source.load_component(stage.component, dtype, device)
         self.modules = modules
-        denoiser = family.stages[family.denoiser].component
+        denoiser = modules[family.stages[family.denoiser].component]
+        if hasattr(denoiser, "fuse_qkv_projections"):
+            with contextlib.suppress(Exception):  # not every attention processor can fuse
+                denoiser.fuse_qkv_projections()  # one GEMM for Q, K and V
+        self.fp8_kernel: str | None = None
         if self.options.precision is Precision.FP8:
-            from .fp8 import quantize_linears
+            from .fp8 import DEFAULT_KERNEL, quantize_linears
 
-            quantize_linears(modules[denoiser])
+            self.fp8_kernel = self.options.fp8_kernel or DEFAULT_KERNEL
+            quantize_linears(denoiser, kernel=self.fp8_kernel)
+        if device.type == "cuda" and "vae" in modules:
+            modules["vae"].to(memory_format=torch.channels_last)
         if self.options.compile:
-            self._prepare_compile(modules, denoiser)
+            self._prepare_compile(denoiser, modules.get("vae"))
         for stage in family.stages.values():
-            module = modules[stage.component]
-            regions = self.regions.get(stage.component) if self.options.compile else None
-            self.engines[stage.name] = TorchEngine(stage, module, regions)
+            self.engines[stage.name] = TorchEngine(stage, modules[stage.component])
 
     # ---- compile --------------------------------------------------------------------------------------
-    def _prepare_compile(self, modules: dict[str, torch.nn.Module], denoiser: str) -> None:
+    def _prepare_compile(self, denoiser: torch.nn.Module, vae: torch.nn.Module | None) -> None:
         configure_dynamo()
-        self._load_compile_cache()
-        cuda = self.device.type == "cuda"
-        kwargs = COMPILE_KWARGS if cuda else CPU_COMPILE_KWARGS
-        den = modules[denoiser]
-        if hasattr(den, "fuse_qkv_projections") and self.options.precision is not Precision.FP8:
-            with contextlib.suppress(Exception):  # not every attention processor can fuse
-                den.fuse_qkv_projections()
-        self.regions[denoiser] = Regions(den, self.options.specialization, kwargs)
-        if "vae" in modules:
-            vae = modules["vae"]
-            if cuda:
-                vae.to(memory_format=torch.channels_last)
-            if COMPILE_VAE:  # the decoder runs once per image: generic kernels only, no compile per shape
-                self.regions["vae"] = Regions(vae.decoder, Specialization.NONE, kwargs)
+        store = self._load_compile_cache()
+        tag = f"attn-{self.attention}" + (f"-fp8-{self.fp8_kernel}" if self.fp8_kernel else "")
+        self.compiler = RegionCompiler(
+            store, specialization=self.options.specialization, options=INDUCTOR_OPTIONS, tag=tag
+        )
+        self.stats.regions = self.compiler.stats
+        self.hooks = wrap_regions(denoiser, self.compiler)
+        n_vae = 0
+        if vae is not None and self.options.compile_vae:
+            vae_hooks = wrap_regions(vae.decoder, self.compiler)
+            n_vae = len(vae_hooks)
+            self.hooks += vae_hooks
+        loaded = self.compiler.preload()
         logger.info(
-            "torch.compile: %d denoiser regions, %d VAE decoder regions, specialization %s",
-            self.regions[denoiser].count,
-            self.regions["vae"].count if "vae" in self.regions else 0,
-            self.options.specialization.value,
+            "torch.compile: %d denoiser regions, %d VAE decoder regions, %s shapes; %d compiled artifacts "
+            "loaded in %.2f s",
+            len(self.hooks) - n_vae,
+            n_vae,
+            "dynamic" if self.compiler.dynamic else "static",
+            loaded,
+            self.compiler.stats.load_s,
         )
 
-    def _load_compile_cache(self) -> None:
-        from ..cache import load_blob, resolve_runtime_cache
+    def _load_compile_cache(self) -> ArtifactStore:
+        from ..cache import resolve_runtime_cache
 
         path = resolve_runtime_cache(self.model_cache)
         if path is None:
             logger.info("no compile cache yet for %s; compiling from scratch", self.model_cache.model_key)
-            return
+            return ArtifactStore()
         start = time.perf_counter()
-        payload = load_blob(path, self.model_cache.platform_key)
-        if payload is None:
-            return
-        try:
-            info = torch.compiler.load_cache_artifacts(payload)
-        except Exception as e:  # an unreadable cache is a miss, never a crash
-            logger.warning("ignoring compile cache %s: %s; a fresh one will be saved", path, e)
-            return
-        self._loaded_payload = payload
-        self.stats.cache_loaded_bytes = len(payload)
+        store = load_store(path, self.model_cache.platform_key)
+        for key in store.keys(INDUCTOR_GROUP):  # Inductor's own caches: kernels of JIT-compiled regions
+            try:
+                torch.compiler.load_cache_artifacts(store.get(key))
+            except Exception as e:  # an unreadable snapshot is a miss, never a crash
+                logger.warning("ignoring Inductor cache snapshot %s: %s", key, e)
+                store.discard(key)
+        self.stats.cache_loaded_bytes = store.nbytes
+        self.stats.cache_artifacts = len(store.entries)
         self.stats.cache_load_s = time.perf_counter() - start
-        self.stats.cache_artifacts = _artifact_count(info)
         logger.info(
-            "compile cache %s: %d artifacts, %.1f MB loaded in %.2f s",
+            "compile cache %s: %d artifacts, %.1f MB read in %.2f s",
             path,
-            self.stats.cache_artifacts,
-            len(payload) / 1e6,
+            len(store.entries),
+            store.nbytes / 1e6,
             self.stats.cache_load_s,
         )
+        return store
 
     def save_compile_cache(self) -> bool:
-        """Write what was compiled into the model's cache file. Returns whether a file was written."""
-        from ..cache import save_blob, tool_versions
-
-        for regions in self.regions.values():
-            regions.wait()
-        saved = torch.compiler.save_cache_artifacts()
-        if saved is None:
+        """Merge what was compiled into the model's cache file. Returns whether the file was written."""
+        if self.compiler is None:
             return False
-        data, info = saved
-        if not data or data == self._loaded_payload:
-            return False
-        ok = save_blob(
-            self.model_cache.runtime_cache_path,
-            data,
-            self.model_cache.platform_key,
-            tools=tool_versions("torch"),
-            meta={"kind": "torch-compile", "artifacts": _artifact_count(info)},
-        )
-        if ok:
-            self._loaded_payload = data
-            logger.info(
-                "saved compile cache %s (%.1f MB)", self.model_cache.runtime_cache_path, len(data) / 1e6
-            )
-        return ok
+        store = self.compiler.store
+        if self.compiler.stats.jit_kinds:  # regions on the JIT fallback persist through Inductor's caches
+            saved = torch.compiler.save_cache_artifacts()
+            if saved is not None and saved[0]:
+                store.add(INDUCTOR_GROUP, saved[0])
+        meta = {"kind": "torch-compile", "attention": self.attention, "fp8_kernel": self.fp8_kernel}
+        return save_store(store, self.model_cache.runtime_cache_path, self.model_cache.platform_key, meta)
 
     def close(self) -> None:
-        if self.options.compile:
-            self.save_compile_cache()
+        self.save_compile_cache()
 
     def describe(self) -> str:
         o = self.options
@@ -291,7 +282,9 @@ class TorchBackend(Backend):
             "compiled" if o.compile else "eager",
             "cuda graphs" if o.cuda_graphs else "no graphs",
             f"specialization {o.specialization.value}" if o.compile else "",
-            f"precision {o.precision.value}" if o.precision else "",
+            f"precision {o.precision.value}" + (f" ({self.fp8_kernel})" if self.fp8_kernel else "")
+            if o.precision
+            else "",
         ]
         return f"torch ({', '.join(p for p in parts if p)})"
 
@@ -299,19 +292,15 @@ class TorchBackend(Backend):
     def uncompiled(self) -> Iterator[None]:
         """Inside, the modules run eagerly and the loop without CUDA graphs, whatever the options (to compare
         with other pipelines and with the reference path)."""
-        saved = {
-            name: engine.regions for name, engine in self.engines.items() if isinstance(engine, TorchEngine)
-        }
         self._bypass = True
+        for hook in self.hooks:
+            hook.enabled = False
         try:
-            for engine in self.engines.values():
-                if isinstance(engine, TorchEngine):
-                    engine.regions = None
             yield
         finally:
             self._bypass = False
-            for name, regions in saved.items():
-                self.engines[name].regions = regions  # type: ignore[attr-defined]
+            for hook in self.hooks:
+                hook.enabled = True
 
     # ---- the denoising loop -----------------------------------------------------------------------------
     def denoise(
@@ -321,81 +310,16 @@ class TorchBackend(Backend):
         on_step: Callable[[], None],
     ) -> DenoiseState:
         if not self.options.cuda_graphs or self._bypass:
-            result = super().denoise(state, make_step, on_step)
-        else:
-            graph = self._graph_for(state, make_step)
-            graph.load(state)
-            for _ in range(state.num_steps):
-                graph.graph.replay()
-                on_step()
-            result = graph.state
-        regions = self._denoiser_regions()
-        if regions is not None:
-            regions.start_pending()  # lazy specialization: compile in the background from now on
-        return result
+            return super().denoise(state, make_step, on_step)
+        from ..denoise import StepGraph, graph_key
 
-    def _graph_for(
-        self, state: DenoiseState, make_step: Callable[[DenoiseState], Callable[[], None]]
-    ) -> _Graph:
-        key = _graph_key(state)
+        key = graph_key(state)
         graph = self._graphs.get(key)
-        regions = self._denoiser_regions()
-        if graph is not None and regions is not None and graph.denoiser_key is not None:
-            if graph.variant is not Variant.SPECIAL and regions.is_special(graph.denoiser_key):
-                logger.info("swapping in the shape-specialized step graph")
-                graph = None  # specialized kernels became ready: recapture with them
         if graph is None:
-            graph = self._capture(state, make_step)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = StepGraph.capture(state, make_step, pool=self._pool)
             self._graphs[key] = graph
-        return graph
-
-    def _denoiser_regions(self) -> Regions | None:
-        engine = self.engines.get(self.family.denoiser)
-        return engine.regions if isinstance(engine, TorchEngine) else None
-
-    def _capture(
-        self, state: DenoiseState, make_step: Callable[[DenoiseState], Callable[[], None]]
-    ) -> _Graph:
-        start = time.perf_counter()
-        static = state.clone()
-        step = make_step(static)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm up: compile, autotune, cuBLAS workspaces, outside the graph
-            for _ in range(2):
-                static.index.zero_()
-                step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        static.index.zero_()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # no background specialization may launch GPU work while the capture is under way
-        with GPU_WORK_LOCK, torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            step()
-        regions = self._denoiser_regions()
-        key, variant = regions.last if regions is not None and regions.last else (None, None)
-        seconds = time.perf_counter() - start
-        self.stats.captures[f"{tuple(state.history.shape)} {variant or 'eager'}"] = seconds
-        logger.info("captured the denoising step (%s kernels) in %.1f s", variant or "eager", seconds)
-        return _Graph(static, graph, variant, key)
-
-    def wait_for_specialization(self) -> None:
-        """Block until background shape specializations finish (benchmarks, tests)."""
-        for regions in self.regions.values():
-            regions.wait()
-
-
-def _graph_key(state: DenoiseState) -> tuple[Any, ...]:
-    """Shapes and dtypes of every buffer the step reads or writes: one captured graph per key. Values
-    (noise, text embeddings, guidance scale, schedule) are copied into the graph's buffers per call."""
-    return tuple((name, tuple(t.shape), t.dtype) for name, t in state.buffers().items())
-
-
-def _artifact_count(info: Any) -> int:
-    if info is None:
-        return 0
-    artifacts = getattr(info, "artifacts", None)
-    if isinstance(artifacts, dict):
-        return sum(len(v) for v in artifacts.values())
-    return 0
+            self.stats.captures[str(tuple(state.history.shape))] = graph.capture_s
+            logger.info("captured the denoising step in %.2f s", graph.capture_s)
+        return graph.run(state, on_step)
