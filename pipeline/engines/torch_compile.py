@@ -169,6 +169,7 @@ class RegionCompiler:
         self._loaded: dict[str, list[Callable[..., Any]]] = {}  # group -> artifacts, in store order
         self._jit: dict[str, Callable[..., Any]] = {}  # block kind -> torch.compile'd _run_block
         self._failed_kinds: set[str] = set()
+        self._fingerprints: dict[int, str] = {}
 
     def preload(self) -> int:
         """Deserialize every artifact the cache holds (at load time, not in the first request)."""
@@ -182,7 +183,10 @@ class RegionCompiler:
 
     def group(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         mode = "dyn" if self.dynamic else "static"
-        parts = (type(block).__name__, block_fingerprint(block), call_signature(args, kwargs), mode, self.tag)
+        fingerprint = self._fingerprints.get(id(block))
+        if fingerprint is None:  # once per block: its structure does not change while it is served
+            fingerprint = self._fingerprints[id(block)] = block_fingerprint(block)
+        parts = (type(block).__name__, fingerprint, call_signature(args, kwargs), mode, self.tag)
         return "-".join(p for p in parts if p)
 
     def __call__(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
