@@ -191,6 +191,9 @@ class RegionCompiler:
 
     def __call__(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         kind = type(block).__name__
+        # one memory layout per input: a view some blocks receive (FLUX's first single block gets slices of
+        # the joint sequence) would otherwise fail the stride guards and cost an artifact of its own
+        args, kwargs = _contiguous(args), _contiguous(kwargs)
         if not self.aot or kind in self._failed_kinds:
             return self._jit_call(kind, block, args, kwargs)
         group = self.group(block, args, kwargs)
@@ -265,6 +268,25 @@ class RegionCompiler:
             self._jit[kind] = fn
             self.stats.jit_kinds.append(kind)
         return fn(block, *args, **kwargs)
+
+
+def _contiguous(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if not value.is_contiguous():
+            return value.contiguous()
+        strides, step = [], 1  # the row-major strides; a size-1 dim's stride is free in torch, not in guards
+        for size in reversed(value.shape):
+            strides.append(step)
+            step *= max(size, 1)
+        strides.reverse()
+        return value if value.stride() == tuple(strides) else value.as_strided(value.shape, strides)
+    if isinstance(value, tuple):
+        return tuple(_contiguous(v) for v in value)
+    if isinstance(value, list):
+        return [_contiguous(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _contiguous(v) for k, v in value.items()}
+    return value
 
 
 class _NeverMatches:
