@@ -24,6 +24,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..families import Family, StageSpec
+from ..families.base import Tensors
 from .base import Backend, Precision, Specialization
 from .torch_compile import GPU_WORK_LOCK, Regions, ShapeKey, Variant, configure_dynamo
 
@@ -379,6 +380,17 @@ class TorchBackend(Backend):
         self.stats.captures[f"{tuple(state.history.shape)} {variant or 'eager'}"] = seconds
         logger.info("captured the denoising step (%s kernels) in %.1f s", variant or "eager", seconds)
         return _Graph(static, graph, variant, key)
+
+    # ---- the loop of a scheduler's own step: its denoiser call in CUDA graphs (denoise.CudaGraphCall) ------
+    def graphed(self, name: str, fn: Callable[[Tensors], Tensors]) -> Callable[[Tensors], Tensors]:
+        if not self.options.cuda_graphs or self._bypass:
+            return fn
+        from ..denoise import CudaGraphCall
+
+        calls: dict[str, CudaGraphCall] = self.__dict__.setdefault("graphed_calls", {})
+        if name not in calls:  # background specialization must not launch GPU work during a capture
+            calls[name] = CudaGraphCall(fn, self.device, guard=GPU_WORK_LOCK)
+        return calls[name]
 
     def wait_for_specialization(self) -> None:
         """Block until background shape specializations finish (benchmarks, tests)."""
