@@ -80,7 +80,9 @@ class Pipeline:
         self.family = family
         self.backend = backend
         # the model's scheduler as the family's diffusers pipeline adopts it; class names build from its config
-        self.model_scheduler = model_scheduler or family.adopt_scheduler(source.scheduler)
+        if model_scheduler is None:
+            model_scheduler = family.adopt_scheduler(source.scheduler)
+        self.model_scheduler = model_scheduler
         self._scheduler = scheduler if scheduler is not None else self.model_scheduler
         self.device = backend.device
         self.dtype = backend.dtype
@@ -121,7 +123,7 @@ class Pipeline:
         # given at construction, as diffusers' pipeline adopts it; checked before any weights load
         model_scheduler = family.adopt_scheduler(source.scheduler)
         chosen = family.adopt_scheduler(build_scheduler(scheduler, model_scheduler))
-        check_scheduler(chosen, family)
+        loop = check_scheduler(chosen, family)
         dev = parse_device(device)
         torch_dtype = parse_dtype(dtype, dev, family)
         name = choose_backend(backend, dev)
@@ -130,12 +132,13 @@ class Pipeline:
             name, family, dev, torch_dtype, cache_dir=cache_dir, model_cache=model_cache, **backend_options
         )
         logger.info(
-            "%s (%s) on %s, %s, backend %s",
+            "%s (%s) on %s, %s, backend %s; scheduler %s",
             source.model_id,
             family.name,
             dev,
             torch_dtype,
             engine_backend.describe(),
+            loop,
         )
         pipe = cls(source, family, engine_backend, chosen, model_scheduler)
         pipe.model_cache = model_cache
@@ -153,7 +156,7 @@ class Pipeline:
         compatible class name (built with `from_config` on the model's scheduler config); raises
         InvalidInputError for one this model cannot run, and keeps the one it had."""
         chosen = build_scheduler(value, self.model_scheduler)
-        check_scheduler(chosen, self.family)
+        logger.info("scheduler %s", check_scheduler(chosen, self.family))
         self._scheduler = chosen
 
     # ---- the call ---------------------------------------------------------------------------------------

@@ -94,8 +94,9 @@ def _from_config(cls: type, model_scheduler: Any) -> Any:
     return cls.from_config(model_scheduler.config)
 
 
-def check_scheduler(scheduler: Any, family: Family) -> None:
-    """Refuse a scheduler that cannot run with `family`'s model, before any weights load; log which loop runs."""
+def check_scheduler(scheduler: Any, family: Family) -> str:
+    """Refuse a scheduler that cannot run with `family`'s model, before any weights load. Returns which loop
+    it runs, in a few words for the log."""
     name = type(scheduler).__name__
     variance = str(scheduler.config.get("variance_type") or "")
     if variance.startswith("learned"):
@@ -123,9 +124,8 @@ def check_scheduler(scheduler: Any, family: Family) -> None:
             f"scheduler {name} cannot run with this {family.name} model ({type(e).__name__}: {e})"
         ) from e
     if isinstance(plan, SchedulerSteps):
-        logger.info("scheduler %s: its own step each iteration (%s)", name, plan.reason)
-    else:
-        logger.info("scheduler %s: linear, run as coefficient tables", name)
+        return f"{name}, its own step each iteration: {plan.reason}"
+    return f"{name}, linear: coefficient tables"
 
 
 def _dry_run(plan: SchedulerSteps, family: Family, size: int) -> None:
