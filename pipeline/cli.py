@@ -24,8 +24,27 @@ EXIT_USER_ERROR = 2
 
 
 class _Parser(argparse.ArgumentParser):
+    scheduler_action: argparse.Action | None = None
+
     def error(self, message: str) -> NoReturn:  # one line, not usage + error
         self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
+
+    def format_help(self) -> str:
+        if (
+            self.scheduler_action is not None
+        ):  # listed from diffusers only when asked: importing it takes seconds
+            self.scheduler_action.help = _scheduler_help()
+        return super().format_help()
+
+
+def _scheduler_help() -> str:
+    from .schedulers import family_scheduler_names
+
+    lists = "; ".join(f"{family}: {', '.join(names)}" for family, names in family_scheduler_names().items())
+    return (
+        "a diffusers scheduler compatible with the model, built from its scheduler config (default: the "
+        f"model's own). {lists}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (default: a random one, written into the PNG)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--negative-prompt", help="what not to draw (Stable Diffusion)")
+    p.scheduler_action = p.add_argument(
+        "--scheduler", metavar="NAME", help="a diffusers scheduler class name"
+    )
     p.add_argument("-o", "--output", help="a .png file, or a folder (default: the current folder)")
     p.add_argument("--backend", default="auto", choices=("auto", "rtx", "torch"))
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
@@ -184,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         cache_dir=args.cache_dir,
+        scheduler=args.scheduler,
         **_backend_options(args),
     ) as pipe:
         pipe.progress = not args.quiet
@@ -206,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
             "steps": str(settings["num_inference_steps"]),
             "guidance_scale": str(settings["guidance_scale"]),
             "model": pipe.source.model_id,
+            "scheduler": type(pipe.scheduler).__name__,
             "backend": pipe.backend.describe(),
         }
     for i, (image, path) in enumerate(zip(result.images, paths, strict=True)):

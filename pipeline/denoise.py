@@ -1,23 +1,35 @@
-"""The denoising loop: static device buffers and one pure step, replayed K times.
+"""The denoising loop, two ways (schedule.py decides which).
 
-State lives in one buffer `history = [x0, e_0, ..., e_{K-1}]` (float32, on the device). Step k reads the
-step index from a device tensor, forms the model input from the schedule's coefficient row k (see
-schedule.py), runs the denoiser, applies guidance and writes e_k into the history. Nothing in a step reads a
-value back to the host or branches on data, so a backend may capture `step` in a CUDA graph and replay it
-(`StepGraph`, below).
+Tables (linear schedulers): state lives in one buffer `history = [x0, e_0, ..., e_{K-1}]` (float32, on the
+device). Step k reads the step index from a device tensor, forms the model input from the schedule's
+coefficient row k, runs the denoiser, applies guidance and writes e_k into the history. Nothing in a step
+reads a value back to the host or branches on data, so a backend may capture the whole `step` in a CUDA graph
+and replay it (`Backend.denoise`; `StepGraph` below).
+
+The scheduler's own step (every other scheduler): the loop of diffusers' pipeline (`scheduler_loop`), where
+only the denoiser call plus guidance is a pure function of named tensors, which a backend may capture in a
+CUDA graph per shape (`Backend.graphed`, `CudaGraphCall`); the scheduler's update runs outside the graph.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .families import Family
 from .families.base import Tensors
-from .schedule import Schedule
+from .schedule import Schedule, SchedulerSteps
+
+if TYPE_CHECKING:
+    from .engines.base import Backend
+
+logger = logging.getLogger(__name__)
+Generators = torch.Generator | list[torch.Generator] | None
 
 
 @dataclass
@@ -105,8 +117,7 @@ def make_step(
         k = state.index
         x = state.latents(state.in_coef.index_select(0, k)[0]).to(dtype)
         t = state.timesteps.index_select(0, k)
-        out = denoiser(**family.denoiser_inputs(x, t, state.cond))["noise_pred"]
-        guided = family.guide(out, state.guidance, x.shape[0])
+        guided = guided_output(family, denoiser, x, t, state.cond, state.guidance)
         state.history.index_copy_(0, k + 1, guided.unsqueeze(0).to(torch.float32))
         state.index.add_(1)
 
@@ -115,6 +126,161 @@ def make_step(
 
 def final_latents(state: DenoiseState, dtype: torch.dtype) -> torch.Tensor:
     return state.latents(state.out_coef).to(dtype)
+
+
+def guided_output(
+    family: Family,
+    denoiser: Callable[..., Tensors],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Tensors,
+    guidance: torch.Tensor,
+) -> torch.Tensor:
+    """The model output the scheduler sees: the denoiser at (x, t), then the family's guidance."""
+    out = denoiser(**family.denoiser_inputs(x, t, cond))["noise_pred"]
+    return family.guide(out, guidance, x.shape[0])
+
+
+def denoise_with_tables(
+    backend: Backend,
+    family: Family,
+    schedule: Schedule,
+    x0: torch.Tensor,
+    cond: Tensors,
+    guidance_scale: float,
+    dtype: torch.dtype,
+    on_step: Callable[[], None],
+) -> torch.Tensor:
+    """Final latents of a linear scheduler's run: its tables over static buffers, one step replayed K times."""
+    state = DenoiseState.create(family, schedule, x0, cond, guidance_scale, dtype)
+    denoiser = backend.engines[family.denoiser]
+    state = backend.denoise(state, lambda s: make_step(family, denoiser, s, dtype), on_step)
+    return final_latents(state, dtype)
+
+
+# ---- the scheduler's own step -----------------------------------------------------------------------------
+def scheduler_loop(
+    plan: SchedulerSteps,
+    x0: torch.Tensor,
+    model: Callable[[torch.Tensor, int], torch.Tensor],
+    generator: Generators,
+    on_step: Callable[[], None],
+) -> torch.Tensor:
+    """The loop of diffusers' StableDiffusionPipeline / FluxPipeline: `model(model_input, k)` is the guided
+    denoiser at evaluation k; the scheduler scales its input and takes its own step, drawing any noise from
+    `generator` after the initial noise, as diffusers does."""
+    sched = plan.scheduler
+    extra = plan.step_kwargs(generator)
+    latents = x0 * getattr(sched, "init_noise_sigma", 1.0)  # FluxPipeline does not scale: FlowMatch has none
+    for k, t in enumerate(sched.timesteps):
+        x = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
+        latents = sched.step(model(x, k), t, latents, return_dict=False, **extra)[0]
+        on_step()
+    return latents
+
+
+def guided_denoiser(
+    family: Family, denoiser: Callable[..., Tensors], dtype: torch.dtype
+) -> Callable[[Tensors], Tensors]:
+    """The scheduler loop's denoiser call as a function of named tensors (what a CUDA graph captures):
+    {"sample", "timestep", "guidance_scale", "cond.<input>"...} -> {"noise_pred": the guided output}."""
+
+    def call(inputs: Tensors) -> Tensors:
+        cond = {name[5:]: t for name, t in inputs.items() if name.startswith("cond.")}
+        x = inputs["sample"].to(dtype)
+        return {
+            "noise_pred": guided_output(
+                family, denoiser, x, inputs["timestep"], cond, inputs["guidance_scale"]
+            )
+        }
+
+    return call
+
+
+def denoise_with_scheduler(
+    backend: Backend,
+    family: Family,
+    plan: SchedulerSteps,
+    x0: torch.Tensor,
+    cond: Tensors,
+    guidance_scale: float,
+    dtype: torch.dtype,
+    generator: Generators,
+    on_step: Callable[[], None],
+) -> torch.Tensor:
+    """Final latents of a run of the scheduler's own step, the denoiser call graph-captured by the backend."""
+    denoiser = backend.engines[family.denoiser]
+    call = backend.graphed("guided_denoiser", guided_denoiser(family, denoiser, dtype))
+    timesteps = family.timestep_values(plan.scheduler.timesteps, dtype).to(x0.device)
+    fixed = {f"cond.{name}": t for name, t in cond.items()}
+    fixed["guidance_scale"] = torch.tensor(guidance_scale, device=x0.device, dtype=torch.float32)
+
+    def model(x: torch.Tensor, k: int) -> torch.Tensor:
+        return call({"sample": x, "timestep": timesteps[k], **fixed})["noise_pred"]
+
+    return scheduler_loop(plan, x0, model, generator, on_step)
+
+
+@dataclass
+class _Captured:
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: Tensors  # static input buffers
+    outputs: Tensors  # static outputs, rewritten by each replay
+
+
+class CudaGraphCall:
+    """`fn(inputs) -> outputs` over named tensors, captured in one CUDA graph per input shapes and dtypes.
+
+    A call copies the inputs into the graph's static buffers, replays it and returns copies of its outputs (a
+    scheduler may keep what it is given: PNDM keeps its past model outputs). The first call of a shape warms
+    `fn` up on a side stream (compile, autotune, cuBLAS workspaces), then captures it. All shapes share one
+    memory pool: only the inputs (allocated outside) and the copied outputs outlive a replay.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Tensors], Tensors],
+        device: torch.device,
+        *,
+        pool: Any = None,
+        warmup: int = 1,
+    ) -> None:
+        self.fn = fn
+        self.device = device
+        self.warmup = warmup
+        self.graphs: dict[tuple[Any, ...], _Captured] = {}
+        self.capture_s: dict[str, float] = {}  # seconds per captured shape key
+        self._pool = pool  # shared with the backend's other graphs
+
+    def __call__(self, inputs: Tensors) -> Tensors:
+        key = tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items()))
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self.graphs[key] = self._capture(key, inputs)
+        for name, tensor in inputs.items():
+            captured.inputs[name].copy_(tensor)
+        captured.graph.replay()
+        return {name: t.clone() for name, t in captured.outputs.items()}
+
+    def _capture(self, key: tuple[Any, ...], inputs: Tensors) -> _Captured:
+        start = time.perf_counter()
+        static = {name: t.clone() for name, t in inputs.items()}
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(static)
+        current.wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            outputs = self.fn(static)
+        seconds = time.perf_counter() - start
+        self.capture_s[str(key)] = seconds
+        logger.info("captured the denoiser call of the scheduler loop in %.1f s", seconds)
+        return _Captured(graph, static, outputs)
 
 
 # ---- the step as one CUDA graph ---------------------------------------------------------------------------------

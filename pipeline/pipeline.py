@@ -1,8 +1,9 @@
 """`Pipeline`: prompt -> text encoders -> denoising loop -> VAE decoder -> images, through engines.
 
 Read `__call__` top to bottom: it is the whole algorithm. Family-specific math (FLUX vs Stable Diffusion)
-lives in pipeline/families/, the scheduler arithmetic in schedule.py, the loop's buffers in denoise.py, and
-how each stage runs (TensorRT-RTX or torch) in pipeline/engines/.
+lives in pipeline/families/, the choice of scheduler in schedulers.py, how a run of it is planned (tables or
+its own step) in schedule.py, the two loops in denoise.py, and how each stage runs (TensorRT-RTX or torch) in
+pipeline/engines/.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import ModelCache
-from .denoise import DenoiseState, final_latents, make_step
+from .denoise import denoise_with_scheduler, denoise_with_tables
 from .engines import Backend, choose_backend, create_backend
 from .errors import InvalidInputError
 from .families import Family, family_for
 from .families.base import Tensors
 from .loading import ModelSource, resolve_model
 from .options import parse_device, parse_dtype
-from .schedule import plan_schedule
+from .schedule import Schedule, plan_schedule
+from .schedulers import build_scheduler, check_scheduler
 
 logger = logging.getLogger("pipeline")
 
@@ -66,10 +68,22 @@ def check_request(
 class Pipeline:
     """A text-to-image pipeline whose every stage runs through an engine of the chosen backend."""
 
-    def __init__(self, source: ModelSource, family: Family, backend: Backend) -> None:
+    def __init__(
+        self,
+        source: ModelSource,
+        family: Family,
+        backend: Backend,
+        scheduler: Any = None,
+        model_scheduler: Any = None,
+    ) -> None:
         self.source = source
         self.family = family
         self.backend = backend
+        # the model's scheduler as the family's diffusers pipeline adopts it; class names build from its config
+        if model_scheduler is None:
+            model_scheduler = family.adopt_scheduler(source.scheduler)
+        self.model_scheduler = model_scheduler
+        self._scheduler = scheduler if scheduler is not None else self.model_scheduler
         self.device = backend.device
         self.dtype = backend.dtype
         self.progress = True
@@ -88,11 +102,15 @@ class Pipeline:
         dtype: str | torch.dtype | None = None,
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
+        scheduler: Any = None,
         **backend_options: Any,
     ) -> Pipeline:
         """Load `model` (a diffusers folder, a hub id, or 'tiny-flux' / 'tiny-sd') onto `backend`.
 
         backend: "auto" (rtx where TensorRT-RTX runs, else torch), "rtx" or "torch".
+        scheduler: a diffusers scheduler instance, or the class name of one of the model's compatible
+            schedulers (built with `from_config` on the model's scheduler config); default the model's own.
+            Checked before any weights load, as is the model's own.
         backend_options: compile, cuda_graphs, specialization ("lazy"|"eager"|"none"), precision.
         """
         cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -102,6 +120,10 @@ class Pipeline:
             else resolve_model(model, cache_dir=cache_dir, local_files_only=local_files_only)
         )
         family = family_for(source)
+        # given at construction, as diffusers' pipeline adopts it; checked before any weights load
+        model_scheduler = family.adopt_scheduler(source.scheduler)
+        chosen = family.adopt_scheduler(build_scheduler(scheduler, model_scheduler))
+        loop = check_scheduler(chosen, family)
         dev = parse_device(device)
         torch_dtype = parse_dtype(dtype, dev, family)
         name = choose_backend(backend, dev)
@@ -110,16 +132,32 @@ class Pipeline:
             name, family, dev, torch_dtype, cache_dir=cache_dir, model_cache=model_cache, **backend_options
         )
         logger.info(
-            "%s (%s) on %s, %s, backend %s",
+            "%s (%s) on %s, %s, backend %s; scheduler %s",
             source.model_id,
             family.name,
             dev,
             torch_dtype,
             engine_backend.describe(),
+            loop,
         )
-        pipe = cls(source, family, engine_backend)
+        pipe = cls(source, family, engine_backend, chosen, model_scheduler)
         pipe.model_cache = model_cache
         return pipe
+
+    @property
+    def scheduler(self) -> Any:
+        """The diffusers scheduler each call plans from (copied per call, never changed by a call).
+        `scheduler.compatibles` lists the classes that can replace it."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, value: Any) -> None:
+        """A diffusers scheduler instance (used as given, as diffusers' pipelines do), its class, or a
+        compatible class name (built with `from_config` on the model's scheduler config); raises
+        InvalidInputError for one this model cannot run, and keeps the one it had."""
+        chosen = build_scheduler(value, self.model_scheduler)
+        logger.info("scheduler %s", check_scheduler(chosen, self.family))
+        self._scheduler = chosen
 
     # ---- the call ---------------------------------------------------------------------------------------
     def __call__(
@@ -176,21 +214,27 @@ class Pipeline:
             )
             x0 = family.pack_latents(noise, height, width)
 
-            # 3. the schedule as coefficient tables (schedule.py), then the loop over static buffers
-            schedule = plan_schedule(
-                self.source.scheduler,
+            # 3. the loop (denoise.py): a linear scheduler as coefficient tables, the whole step graph-captured;
+            #    any other takes its own step between graph-captured denoiser calls (schedule.py decides)
+            plan = plan_schedule(
+                self._scheduler,
                 steps,
+                device=self.device,
                 begin_index=family.schedule_begin_index,
                 **family.schedule_kwargs(height, width, steps),
             )
             cond = family.denoiser_conditioning(text, height, width, batch, guidance)
-            state = DenoiseState.create(family, schedule, x0, cond, guidance, self.dtype)
-            denoiser = self.backend.engines[family.denoiser]
-            with tqdm(total=state.num_steps, desc="denoising", disable=not self.progress, leave=False) as bar:
-                state = self.backend.denoise(
-                    state, lambda s: make_step(family, denoiser, s, self.dtype), bar.update
-                )
-            latents = final_latents(state, self.dtype)
+            with tqdm(
+                total=plan.num_evaluations, desc="denoising", disable=not self.progress, leave=False
+            ) as bar:
+                if isinstance(plan, Schedule):
+                    latents = denoise_with_tables(
+                        self.backend, family, plan, x0, cond, guidance, self.dtype, bar.update
+                    )
+                else:
+                    latents = denoise_with_scheduler(
+                        self.backend, family, plan, x0, cond, guidance, self.dtype, generator, bar.update
+                    )
             clock = self._lap(timings, "denoise", clock)
 
             # 4. decode

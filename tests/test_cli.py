@@ -79,6 +79,8 @@ def test_several_images_into_a_folder_with_predictable_names(tiny_sd: Path, tmp_
         (["--backend", "gpu"], "invalid choice"),
         (["--model", "/no/such/folder"], "neither a folder"),
         (["-o", "/proc/x/y.png"], "cannot write"),
+        (["--scheduler", "Euler"], "unknown scheduler 'Euler' for this model; choose one of DDIMScheduler"),
+        (["--scheduler", "DPMSolverSDEScheduler"], "needs torchsde"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -108,6 +110,26 @@ def test_bad_input_is_one_line_and_exit_2(
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_help_lists_the_schedulers(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "flux: FlowMatchEulerDiscreteScheduler;" in text
+    assert "EulerAncestralDiscreteScheduler" in text and "DPMSolverSDEScheduler (needs torchsde)" in text
+
+
+def test_a_stochastic_scheduler_is_reproduced_by_its_seed(tiny_sd: Path, tmp_path: Path) -> None:
+    """Euler Ancestral draws noise every step, from the generator the seed makes: same seed, same PNG."""
+    args = ["a red fox", "--model", str(tiny_sd), *FAST, "--scheduler", "EulerAncestralDiscreteScheduler"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "-q"]
+    for name, seed in (("a.png", "7"), ("b.png", "7"), ("c.png", "8")):
+        assert main([*args, "--seed", seed, "-o", str(tmp_path / name)]) == 0
+    a, b, c = (Image.open(tmp_path / n) for n in ("a.png", "b.png", "c.png"))
+    assert a.text["scheduler"] == "EulerAncestralDiscreteScheduler"
+    assert a.tobytes() == b.tobytes() != c.tobytes()
 
 
 def test_folder_that_is_not_a_model(tmp_path: Path, capfd) -> None:

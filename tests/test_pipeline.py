@@ -3,6 +3,7 @@ and the same generator (max abs difference <= 2e-3 on output_type="np")."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -18,9 +19,9 @@ from pipeline import InvalidInputError, Pipeline, UnsupportedModelError
 TOLERANCE = 2e-3
 
 
-def _ours(folder: Path, tmp_path: Path) -> Pipeline:
+def _ours(folder: Path, tmp_path: Path, **kwargs) -> Pipeline:
     pipe = Pipeline.from_pretrained(
-        folder, backend="torch", device="cpu", dtype=torch.float32, cache_dir=tmp_path
+        folder, backend="torch", device="cpu", dtype=torch.float32, cache_dir=tmp_path, **kwargs
     )
     pipe.progress = False
     return pipe
@@ -35,9 +36,10 @@ def _theirs(cls: type, folder: Path):
     return pipe
 
 
-def _both(ours: Pipeline, theirs, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+def _both(ours: Pipeline, theirs, their_generator=None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     a = ours(generator=torch.Generator().manual_seed(1234), output_type="np", **kwargs).images
-    b = theirs(generator=torch.Generator().manual_seed(1234), output_type="np", **kwargs).images
+    generator = their_generator or torch.Generator().manual_seed(1234)
+    b = theirs(generator=generator, output_type="np", **kwargs).images
     return a, b
 
 
@@ -179,10 +181,165 @@ def test_flux_granularity_is_16(tiny_flux: Path, tmp_path: Path) -> None:
         _ours(tiny_flux, tmp_path)("a fox", height=72, width=64, num_inference_steps=1)
 
 
-def test_stochastic_scheduler_is_refused(tiny_sd: Path, tmp_path: Path) -> None:
+SD_CALL = {"prompt": "a red fox in the snow", "height": 64, "width": 64, "num_inference_steps": 4}
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "config"),
+    [
+        ("EulerAncestralDiscreteScheduler", {}),
+        ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+        ("KDPM2AncestralDiscreteScheduler", {}),
+    ],
+    ids=["euler-ancestral", "dpm++-2m-sde", "kdpm2-ancestral"],
+)
+def test_sd_stochastic_schedulers_equal_diffusers(
+    tiny_sd: Path, tmp_path: Path, scheduler: str, config: dict
+) -> None:
+    """The scheduler's own step with the request's generator: the same noise draws as diffusers'."""
+    import diffusers
+
+    theirs = _theirs(StableDiffusionPipeline, tiny_sd)
+    theirs.scheduler = getattr(diffusers, scheduler).from_config(theirs.scheduler.config, **config)
+    ours = _ours(tiny_sd, tmp_path, scheduler=copy.deepcopy(theirs.scheduler))
+    a, b = _both(ours, theirs, guidance_scale=5.0, **SD_CALL)
+    assert np.abs(a - b).max() <= TOLERANCE
+    other = ours(generator=torch.Generator().manual_seed(99), output_type="np", guidance_scale=5.0, **SD_CALL)
+    assert np.abs(a - other.images).max() > 1e-2  # the noise really comes from the generator
+
+
+def test_sd_ddim_with_clip_sample_equals_diffusers(tiny_sd: Path, tmp_path: Path) -> None:
+    """DDIM's default clip_sample=True, set on the pipeline as diffusers users do: not linear, so it runs its
+    own step; the tables would have been wrong."""
+    from diffusers import DDIMScheduler
+
+    theirs = _theirs(StableDiffusionPipeline, tiny_sd)
+    theirs.scheduler = DDIMScheduler(**SD_BETAS)
+    ours = _ours(tiny_sd, tmp_path)
+    ours.scheduler = DDIMScheduler(**SD_BETAS)
+    assert ours.scheduler.config.clip_sample
+    a, b = _both(ours, theirs, guidance_scale=5.0, **SD_CALL)
+    assert np.abs(a - b).max() <= TOLERANCE
+    ours.scheduler = DDIMScheduler(**SD_BETAS, clip_sample=False)  # on the tables
+    c = ours(generator=torch.Generator().manual_seed(1234), output_type="np", guidance_scale=5.0, **SD_CALL)
+    assert np.abs(a - c.images).max() > 1e-2
+
+
+def test_sd_adopts_an_outdated_scheduler_config_as_diffusers(tiny_sd: Path, tmp_path: Path) -> None:
+    """A folder shipping DDIM with steps_offset 0 and clip_sample true (old checkpoints): StableDiffusionPipeline
+    loads it with steps_offset=1 and clip_sample=False, and so do we."""
+    folder = _with_scheduler(tiny_sd, tmp_path / "model", "DDIMScheduler", **SD_BETAS, steps_offset=0)
+    ours = _ours(folder, tmp_path)
+    assert (ours.scheduler.config.steps_offset, ours.scheduler.config.clip_sample) == (1, False)
+    a, b = _both(ours, _theirs(StableDiffusionPipeline, folder), guidance_scale=5.0, **SD_CALL)
+    assert np.abs(a - b).max() <= TOLERANCE
+    ours.scheduler = "EulerDiscreteScheduler"  # built from the adopted config
+    assert ours.scheduler.config.steps_offset == 1
+
+
+def test_flux_stochastic_sampling_equals_diffusers(tiny_flux: Path, tmp_path: Path) -> None:
+    """FluxPipeline gives its scheduler no generator: its step draws from torch's global generator. Seeded
+    and handed to diffusers as the generator, that is one stream, as our request's generator is."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    theirs = _theirs(FluxPipeline, tiny_flux)
+    theirs.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        theirs.scheduler.config, stochastic_sampling=True
+    )
+    ours = _ours(tiny_flux, tmp_path, scheduler=copy.deepcopy(theirs.scheduler))
+    call = {
+        "prompt": "a red fox",
+        "height": 48,
+        "width": 64,
+        "num_inference_steps": 4,
+        "max_sequence_length": 32,
+    }
+    a = ours(generator=torch.Generator().manual_seed(1234), output_type="np", **call).images
+    b = theirs(generator=torch.manual_seed(1234), output_type="np", **call).images
+    assert np.abs(a - b).max() <= TOLERANCE
+    ours.scheduler = "FlowMatchEulerDiscreteScheduler"  # the model's own, deterministic, on tables
+    c = ours(generator=torch.Generator().manual_seed(1234), output_type="np", **call).images
+    assert np.abs(a - c).max() > 1e-2
+
+
+def test_the_model_folders_stochastic_scheduler_runs(tiny_sd: Path, tmp_path: Path) -> None:
     folder = _with_scheduler(tiny_sd, tmp_path / "model", "EulerAncestralDiscreteScheduler", **SD_BETAS)
-    with pytest.raises(UnsupportedModelError, match="fresh noise"):
-        _ours(folder, tmp_path)("a fox", height=64, width=64, num_inference_steps=2)
+    a, b = _both(
+        _ours(folder, tmp_path), _theirs(StableDiffusionPipeline, folder), guidance_scale=1.0, **SD_CALL
+    )
+    assert np.abs(a - b).max() <= TOLERANCE
+
+
+def test_choosing_the_scheduler(tiny_sd: Path, tmp_path: Path) -> None:
+    pipe = _ours(tiny_sd, tmp_path, scheduler="EulerAncestralDiscreteScheduler")
+    assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"  # from the model's scheduler config
+    names = {cls.__name__ for cls in pipe.scheduler.compatibles}
+    assert {"PNDMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"} <= names
+    with pytest.raises(InvalidInputError, match=r"unknown scheduler 'Euler'.*EulerDiscreteScheduler"):
+        pipe.scheduler = "Euler"
+    with pytest.raises(InvalidInputError, match="needs torchsde"):
+        pipe.scheduler = "DPMSolverSDEScheduler"
+    with pytest.raises(InvalidInputError, match="diffusers scheduler"):
+        pipe.scheduler = 3
+    assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"  # a refusal changes nothing
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler  # a class: built from the model's scheduler config too
+    assert (
+        isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.beta_end == SD_BETAS["beta_end"]
+    )
+
+
+def _without_weights(folder: Path, dst: Path) -> Path:
+    """A model folder whose UNet weights are gone: loading them would fail with another error."""
+    shutil.copytree(folder, dst)
+    for weights in (dst / "unet").glob("*.safetensors"):
+        weights.unlink()
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "message"),
+    [
+        (
+            "EulerAncestral",
+            "unknown scheduler 'EulerAncestral' for this model; choose one of DDIMScheduler, ",
+        ),
+        ("FlowMatchEulerDiscreteScheduler", "unknown scheduler"),
+        ("DPMSolverSDEScheduler", "needs torchsde"),
+    ],
+)
+def test_bad_scheduler_is_refused_before_weights_load(
+    tiny_sd: Path, tmp_path: Path, scheduler: str, message: str
+) -> None:
+    folder = _without_weights(tiny_sd, tmp_path / "model")
+    with pytest.raises(InvalidInputError, match=message):
+        _ours(folder, tmp_path, scheduler=scheduler)
+
+
+def test_learned_variance_is_refused_before_weights_load(tiny_sd: Path, tmp_path: Path) -> None:
+    """DPM-Solver's variance_type="learned*" keeps model_output[:, :3] (DeepFloyd IF: 3 noise + 3 variance
+    channels): on a 4-channel UNet it is meaningless, and diffusers' own pipeline fails with a shape error."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    folder = _with_scheduler(
+        tiny_sd, tmp_path / "model", "DPMSolverMultistepScheduler", **SD_BETAS, variance_type="learned_range"
+    )
+    folder = _without_weights(folder, tmp_path / "no-weights")
+    with pytest.raises(InvalidInputError, match=r"variance_type='learned_range'.*leave variance_type unset"):
+        _ours(folder, tmp_path)
+    with pytest.raises(InvalidInputError, match="variance_type='learned'"):
+        _ours(tiny_sd, tmp_path).scheduler = DPMSolverMultistepScheduler(**SD_BETAS, variance_type="learned")
+
+
+def test_a_scheduler_that_cannot_step_is_refused_before_weights_load(tiny_sd: Path, tmp_path: Path) -> None:
+    """RePaint's step needs an original image and a mask: the dry run finds out, in one line."""
+    from diffusers import RePaintScheduler
+
+    folder = _without_weights(tiny_sd, tmp_path / "model")
+    with pytest.raises(InvalidInputError, match="RePaintScheduler cannot run with this sd model"):
+        _ours(folder, tmp_path, scheduler=RePaintScheduler())
 
 
 def test_unsupported_family_and_non_model_folder(tiny_sd: Path, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The schedule tables reproduce each supported diffusers scheduler step by step, on random data."""
+"""The schedule tables reproduce each linear diffusers scheduler step by step, on random data; every other
+configuration is recognised (by its config, and by the probe alone) and planned to run its own step."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import UnsupportedModelError
-from pipeline.schedule import plan_schedule
+import pipeline.schedule
+from pipeline.errors import InvalidInputError
+from pipeline.schedule import Schedule, SchedulerSteps, plan_schedule
 
 BETAS = {
     "beta_start": 0.00085,
@@ -26,6 +28,11 @@ CASES = [
     ("UniPCMultistepScheduler", BETAS, {}),
     ("HeunDiscreteScheduler", BETAS, {}),
     ("LMSDiscreteScheduler", BETAS, {}),
+    ("KDPM2DiscreteScheduler", BETAS, {}),
+    ("DEISMultistepScheduler", BETAS, {}),
+    ("DPMSolverSinglestepScheduler", BETAS, {}),
+    ("EulerDiscreteScheduler", {**BETAS, "use_karras_sigmas": True}, {}),
+    ("DPMSolverMultistepScheduler", {**BETAS, "use_karras_sigmas": True, "solver_order": 3}, {}),
     (
         "FlowMatchEulerDiscreteScheduler",
         {"shift": 3.0, "use_dynamic_shifting": True},
@@ -56,6 +63,7 @@ def _run_diffusers(scheduler, steps: int, kwargs: dict, shape: tuple[int, ...]):
 def test_tables_reproduce_scheduler(name: str, config: dict, kwargs: dict) -> None:
     scheduler = getattr(diffusers, name)(**config)
     plan = plan_schedule(scheduler, 6, **kwargs)
+    assert isinstance(plan, Schedule), plan.reason
     history, inputs, final = _run_diffusers(scheduler, 6, kwargs, (2, 4, 8, 8))
     assert plan.num_evaluations == len(inputs)
     scale = max(1.0, final.abs().max().item())
@@ -72,7 +80,74 @@ def test_plan_does_not_change_the_scheduler() -> None:
     assert torch.equal(scheduler.timesteps, before)
 
 
-@pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "DDPMScheduler"])
-def test_stochastic_schedulers_are_refused(name: str) -> None:
-    with pytest.raises(UnsupportedModelError):
-        plan_schedule(getattr(diffusers, name)(**BETAS), 4)
+FLOW = {"shift": 3.0, "use_dynamic_shifting": True}
+FLOW_KWARGS = {"sigmas": np.linspace(1.0, 1 / 6, 6), "mu": 0.9}
+NONLINEAR = [
+    ("DDIMScheduler", BETAS, {}, "clip_sample"),  # DDIM's default
+    ("DDIMScheduler", {**BETAS, "clip_sample": False, "thresholding": True}, {}, "thresholding"),
+    ("FlowMatchEulerDiscreteScheduler", {**FLOW, "stochastic_sampling": True}, FLOW_KWARGS, "stochastic"),
+    ("DPMSolverMultistepScheduler", {**BETAS, "algorithm_type": "sde-dpmsolver++"}, {}, "sde"),
+    ("DPMSolverSinglestepScheduler", {**BETAS, "algorithm_type": "sde-dpmsolver++"}, {}, "sde"),
+    ("DPMSolverMultistepScheduler", {**BETAS, "variance_type": "learned_range"}, {}, "variance"),
+    ("EulerAncestralDiscreteScheduler", BETAS, {}, "noise"),
+    ("KDPM2AncestralDiscreteScheduler", BETAS, {}, "noise"),
+    ("DDPMScheduler", {**BETAS, "clip_sample": False}, {}, "noise"),
+    ("LCMScheduler", BETAS, {}, "noise"),
+    ("HeunDiscreteScheduler", {**BETAS, "clip_sample": True}, {}, "clip_sample"),
+]
+NONLINEAR_IDS = [f"{c[0]}-{c[3]}" for c in NONLINEAR]
+
+
+@pytest.mark.parametrize(("name", "config", "kwargs", "why"), NONLINEAR, ids=NONLINEAR_IDS)
+def test_nonlinear_configurations_run_their_own_step(name: str, config: dict, kwargs: dict, why: str) -> None:
+    plan = plan_schedule(getattr(diffusers, name)(**config), 6, **kwargs)
+    assert isinstance(plan, SchedulerSteps)
+    assert why in plan.reason
+    assert len(plan.scheduler.timesteps) == plan.num_evaluations > 0  # ready to step
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "kwargs", "why"),
+    [c for c in NONLINEAR if c[3] != "variance"],  # learned variance slices channels: no probe shape has them
+    ids=[i for c, i in zip(NONLINEAR, NONLINEAR_IDS, strict=True) if c[3] != "variance"],
+)
+def test_the_probe_alone_finds_them(
+    name: str, config: dict, kwargs: dict, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the list of flags, the probe still refuses the tables: an unknown scheduler is safe."""
+    monkeypatch.setattr(pipeline.schedule, "nonlinear_reason", lambda scheduler: None)
+    pipeline.schedule._plans.clear()
+    plan = plan_schedule(getattr(diffusers, name)(**config), 6, **kwargs)
+    assert isinstance(plan, SchedulerSteps)
+    assert "probe" in plan.reason or "symbolic" in plan.reason  # thresholding fails on the probe's shape
+
+
+class ClampingEuler(diffusers.EulerDiscreteScheduler):
+    """A scheduler nobody listed, nonlinear by a clamp in its step."""
+
+    def step(self, model_output, timestep, sample, **kwargs):
+        return super().step(model_output.clamp(-1, 1), timestep, sample, **kwargs)
+
+
+def test_an_unknown_nonlinear_scheduler_runs_its_own_step() -> None:
+    assert isinstance(plan_schedule(ClampingEuler(**BETAS), 6), SchedulerSteps)
+    assert isinstance(plan_schedule(diffusers.EulerDiscreteScheduler(**BETAS), 6), Schedule)
+
+
+def test_tcd_at_eta_zero_is_linear() -> None:
+    """StableDiffusionPipeline passes eta=0.0, at which TCD's step is deterministic: the tables hold."""
+    assert isinstance(plan_schedule(diffusers.TCDScheduler(**BETAS), 6), Schedule)
+
+
+def test_planning_leaves_the_global_generator_alone() -> None:
+    torch.manual_seed(3)
+    expected = torch.randn(4)
+    torch.manual_seed(3)
+    for scheduler in (diffusers.EulerAncestralDiscreteScheduler(**BETAS), ClampingEuler(**BETAS)):
+        plan_schedule(scheduler, 5)
+    assert torch.equal(torch.randn(4), expected)
+
+
+def test_too_many_steps_is_an_input_error() -> None:
+    with pytest.raises(InvalidInputError, match=r"DDIMScheduler.*cannot be larger"):
+        plan_schedule(diffusers.DDIMScheduler(**BETAS, clip_sample=False), 5000)

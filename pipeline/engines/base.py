@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from ..families import Family, StageSpec
+from ..families.base import Tensors
 
 if TYPE_CHECKING:
     from ..denoise import DenoiseState
@@ -77,6 +78,15 @@ class Backend(ABC):
             step()
             on_step()
         return state
+
+    def graphed(self, name: str, fn: Callable[[Tensors], Tensors]) -> Callable[[Tensors], Tensors]:
+        """`fn` (named tensors -> named tensors, no host sync), as the loop of a scheduler's own step calls it:
+        the denoiser plus guidance, between scheduler updates that run outside any graph.
+
+        The default runs `fn` eagerly. A backend may instead return a `denoise.CudaGraphCall` kept under
+        `name` across calls (one CUDA graph per input shapes: copy in, replay, copy out).
+        """
+        return fn
 
     def close(self) -> None:
         """Persist what this backend compiled (runtime / compile cache). Safe to call twice."""

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..families import Family, StageSpec
+from ..families.base import Tensors
 from .base import Backend, Precision, Specialization
 from .compile_cache import INDUCTOR_GROUP, ArtifactStore, load_store, save_store
 from .torch_compile import CompiledForward, RegionCompiler, RegionStats, configure_dynamo, wrap_regions
@@ -183,6 +184,7 @@ class TorchBackend(Backend):
         self.compiler: RegionCompiler | None = None
         self._graphs: dict[tuple[Any, ...], StepGraph] = {}
         self._pool: Any = None
+        self._graphed_calls: dict[str, Any] = {}  # denoise.CudaGraphCall per name (own-step schedulers)
         self._bypass = False
 
         source = family.source
@@ -316,10 +318,23 @@ class TorchBackend(Backend):
         key = graph_key(state)
         graph = self._graphs.get(key)
         if graph is None:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = StepGraph.capture(state, make_step, pool=self._pool)
+            graph = StepGraph.capture(state, make_step, pool=self._graph_pool())
             self._graphs[key] = graph
             self.stats.captures[str(tuple(state.history.shape))] = graph.capture_s
             logger.info("captured the denoising step in %.2f s", graph.capture_s)
         return graph.run(state, on_step)
+
+    # ---- the loop of a scheduler's own step: its denoiser call in CUDA graphs (denoise.CudaGraphCall) ------
+    def graphed(self, name: str, fn: Callable[[Tensors], Tensors]) -> Callable[[Tensors], Tensors]:
+        if not self.options.cuda_graphs or self._bypass:
+            return fn
+        from ..denoise import CudaGraphCall
+
+        if name not in self._graphed_calls:
+            self._graphed_calls[name] = CudaGraphCall(fn, self.device, pool=self._graph_pool())
+        return self._graphed_calls[name]
+
+    def _graph_pool(self) -> Any:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool

@@ -170,6 +170,7 @@ class Family(ABC):
     name: ClassVar[str]
     pipeline_classes: ClassVar[tuple[str, ...]]
     denoiser: ClassVar[str]  # stage name of the denoiser
+    scheduler_class: ClassVar[str]  # the scheduler of the reference checkpoint: --help offers its compatibles
     default_cuda_dtype: ClassVar[torch.dtype] = torch.float16  # the weights' dtype on a GPU unless asked
     # diffusers' pipeline calls scheduler.set_begin_index(0) (FLUX does; SD's pipelines do not)
     schedule_begin_index: ClassVar[bool] = False
@@ -240,6 +241,11 @@ class Family(ABC):
     @abstractmethod
     def pack_latents(self, noise: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Initial noise -> the latents the denoiser sees."""
+
+    def adopt_scheduler(self, scheduler: Any) -> Any:
+        """The scheduler as the family's diffusers pipeline adopts one given at construction (from the model
+        folder or `from_pretrained(scheduler=...)`; not one assigned later). Returns a copy where it changes."""
+        return scheduler
 
     @abstractmethod
     def schedule_kwargs(self, height: int, width: int, num_inference_steps: int) -> dict[str, Any]:

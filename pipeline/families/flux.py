@@ -47,6 +47,7 @@ class FluxFamily(Family):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
     denoiser = "transformer"
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
     default_cuda_dtype = torch.bfloat16
     schedule_begin_index = True
 

@@ -7,6 +7,8 @@ epsilon or v-prediction as the scheduler config says, latents / scaling_factor b
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,6 +17,8 @@ import torch
 from ..errors import InvalidInputError
 from .base import DimRange, Family, ShapeRange, StageSpec, Tensors, TensorSpec, vae_decoder_stage
 from .text import tokenize
+
+logger = logging.getLogger(__name__)
 
 
 def _clip(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
@@ -32,6 +36,7 @@ class StableDiffusionFamily(Family):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
     denoiser = "unet"
+    scheduler_class = "PNDMScheduler"
 
     @property
     def granularity(self) -> int:
@@ -143,6 +148,23 @@ class StableDiffusionFamily(Family):
 
     def pack_latents(self, noise: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return noise
+
+    def adopt_scheduler(self, scheduler: Any) -> Any:
+        """StableDiffusionPipeline.__init__ rewrites an outdated scheduler config: steps_offset=1 and
+        clip_sample=False (old checkpoints ship DDIM with steps_offset 0 and clip_sample true)."""
+        fixes = {}
+        if getattr(scheduler.config, "steps_offset", 1) != 1:
+            fixes["steps_offset"] = 1
+        if getattr(scheduler.config, "clip_sample", False) is True:
+            fixes["clip_sample"] = False
+        if not fixes:
+            return scheduler
+        from diffusers.configuration_utils import FrozenDict
+
+        logger.info("scheduler config outdated: %s, as StableDiffusionPipeline sets it", fixes)
+        adopted = copy.deepcopy(scheduler)
+        adopted._internal_dict = FrozenDict({**adopted.config, **fixes})
+        return adopted
 
     def schedule_kwargs(self, height: int, width: int, num_inference_steps: int) -> dict[str, Any]:
         return {}
