@@ -8,10 +8,11 @@ how each stage runs (TensorRT-RTX or torch) in pipeline/engines/.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ class Pipeline:
         self.dtype = backend.dtype
         self.progress = True
         self.model_cache: ModelCache | None = None  # where this model's ONNX, engines and caches live
+        self._num_timesteps = 0
         # One CUDA stream for every engine and torch op of a call (never the legacy default stream, which
         # makes TensorRT synchronize around each call and forbids graph capture).
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -169,9 +171,15 @@ class Pipeline:
         seed: int | None = None,
         output_type: str = "pil",
         max_sequence_length: int = 512,
+        callback_on_step_end: Callable[[Pipeline, int, Any, dict[str, Any]], dict[str, Any]] | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt` (a string or a list), with diffusers' argument names and defaults
-        taken from the model (size, steps, guidance). `seed` is used when no `generator` is given."""
+        taken from the model (size, steps, guidance). `seed` is used when no `generator` is given; a list of
+        generators gives one per image, as in diffusers.
+
+        `callback_on_step_end(pipe, step_index, timestep, {})` runs after each denoising step, as in diffusers
+        (`pipe.num_timesteps` says how many there are; no tensor inputs are offered and what it returns is
+        ignored). It adds no host sync: on CUDA it runs when the step has been queued, not finished."""
         with self._on_stream():
             family = self.family
             prompts, negatives = self._check_prompts(prompt, negative_prompt)
@@ -219,9 +227,11 @@ class Pipeline:
             cond = family.denoiser_conditioning(text, height, width, batch, guidance)
             state = DenoiseState.create(family, schedule, x0, cond, guidance, self.dtype)
             denoiser = self.backend.engines[family.denoiser]
+            self._num_timesteps = state.num_steps
             with tqdm(total=state.num_steps, desc="denoising", disable=not self.progress, leave=False) as bar:
+                on_step = self._on_step(bar.update, schedule.timesteps, callback_on_step_end)
                 state = self.backend.denoise(
-                    state, lambda s: make_step(family, denoiser, s, self.dtype), bar.update
+                    state, lambda s: make_step(family, denoiser, s, self.dtype), on_step
                 )
             latents = final_latents(state, self.dtype)
             clock = self._lap(timings, "denoise", clock)
@@ -244,7 +254,27 @@ class Pipeline:
             }
             return PipelineOutput(images=images, timings=timings, seed=seed, settings=settings)
 
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps (model evaluations) of the current or last call, as diffusers names it."""
+        return self._num_timesteps
+
     # ---- helpers ----------------------------------------------------------------------------------------
+    def _on_step(
+        self, update: Callable[[], Any], timesteps: torch.Tensor, callback: Callable[..., Any] | None
+    ) -> Callable[[], None]:
+        """What runs after each step: the progress bar, then the caller's callback_on_step_end."""
+        if callback is None:
+            return update
+        index = itertools.count()
+
+        def on_step() -> None:
+            update()
+            i = next(index)
+            callback(self, i, timesteps[i], {})  # the schedule's timesteps are on the host: no sync
+
+        return on_step
+
     @contextlib.contextmanager
     def _on_stream(self) -> Iterator[None]:
         """Inference mode, on the pipeline's own CUDA stream where there is one."""
