@@ -397,3 +397,33 @@ def test_bad_server_arguments_are_one_line_and_exit_2(args: list[str], message: 
         [sys.executable, "-m", "pipeline.serve", "--model", "tiny-sd", *args], capture_output=True, text=True
     )
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_load_script_reports_throughput_and_latency(
+    servers: dict[str, ServerProcess], tmp_path: Path
+) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "load_test.py"
+    spec = importlib.util.spec_from_file_location("load_test", path)
+    assert spec is not None and spec.loader is not None
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    out = tmp_path / "load.json"
+    argv = [
+        "--url",
+        servers["main"].url,
+        "--clients",
+        "3",
+        "--requests",
+        "2",
+        "--size",
+        "32x32",
+        "--steps",
+        "2",
+    ]
+    assert load_test.main([*argv, "--out", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["ok"] == run["images"] == 6 and run["max_batch"] == 4
+    assert run["images_per_s"] > 0 and 0 < run["latency_p50_s"] <= run["latency_p99_s"]
+    assert 1 <= run["mean_batch"] <= 3 and run["warm_up"]["batch_sizes_seen"] == [1, 2, 3, 4]

@@ -63,6 +63,7 @@ class ImageService:
         self.family = pipe.family
         self.model_id = pipe.source.model_id
         self.backend = pipe.backend.describe()
+        self.device = _describe_device(pipe.device)
         self.created = int(time.time())
         self.scheduler, self.schedulers = scheduler_choices(pipe)
         self.loras = {lora.name: lora.scale for lora in config.loras}
@@ -243,6 +244,7 @@ class ImageService:
             "owned_by": "adaptive-diffusion",
             "family": f.name,
             "backend": self.backend,
+            "device": self.device,
             "default_size": f"{f.default_size}x{f.default_size}",
             "size_multiple": f.granularity,
             "max_side": self.config.max_side,
@@ -257,3 +259,11 @@ class ImageService:
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model_id, "replica": self.replica, **self.worker.stats()}
+
+
+def _describe_device(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
