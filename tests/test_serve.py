@@ -27,6 +27,8 @@ pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
 
+from pipeline.errors import InvalidInputError  # noqa: E402
+from pipeline.serve.config import LoraSpec  # noqa: E402
 from pipeline.serve.launch import ServerProcess, start_server  # noqa: E402
 
 FAST = {"size": "32x32", "steps": 2}
@@ -388,15 +390,25 @@ def test_duplicate_request_id_is_400(servers: dict[str, ServerProcess]) -> None:
 
 
 # ---- the command line ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [(["--max-batch", "0"], "--max-batch must be at least 1"), (["--lora", "nopath"], "NAME=PATH")],
-)
-def test_bad_server_arguments_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+def test_bad_server_arguments_are_one_line_and_exit_2() -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.serve", "--model", "tiny-sd", *args], capture_output=True, text=True
+        [sys.executable, "-m", "pipeline.serve", "--model", "tiny-sd", "--max-batch", "0"],
+        capture_output=True,
+        text=True,
     )
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--max-batch must be at least 1" in r.stderr
+
+
+def test_lora_arguments_name_path_and_scale() -> None:
+    assert LoraSpec.parse("px=/loras/pixel.safetensors:0.8") == LoraSpec(
+        "px", "/loras/pixel.safetensors", 0.8
+    )
+    assert LoraSpec.parse("px=/loras/pixel.safetensors") == LoraSpec("px", "/loras/pixel.safetensors", 1.0)
+    assert LoraSpec.parse("hub=org/repo:weird:name") == LoraSpec("hub", "org/repo:weird:name", 1.0)
+    for bad in ("nopath", "=x", "px="):
+        with pytest.raises(InvalidInputError, match="NAME=PATH"):
+            LoraSpec.parse(bad)
 
 
 def test_load_script_reports_throughput_and_latency(
@@ -427,3 +439,24 @@ def test_load_script_reports_throughput_and_latency(
     assert run["ok"] == run["images"] == 6 and run["max_batch"] == 4
     assert run["images_per_s"] > 0 and 0 < run["latency_p50_s"] <= run["latency_p99_s"]
     assert 1 <= run["mean_batch"] <= 3 and run["warm_up"]["batch_sizes_seen"] == [1, 2, 3, 4]
+
+
+def test_stopping_the_server_ends_every_accepted_request(servers: dict[str, ServerProcess]) -> None:
+    server = servers["small"]  # the last test on it: it stops it
+
+    async def scenario() -> tuple[list[Any], int, float]:
+        running = await hold_slot(server, {"prompt": "a", **LONG})
+        await until(health_is(server, running=1))
+        waiting = await hold_slot(server, {"prompt": "b", **LONG})
+        await until(health_is(server, queued=1))
+        start = time.monotonic()
+        code = await asyncio.to_thread(server.stop, 60)
+        answers = await asyncio.gather(running[1], waiting[1], return_exceptions=True)
+        for client, _ in (running, waiting):
+            await client.aclose()
+        return answers, code, time.monotonic() - start
+
+    answers, code, seconds = asyncio.run(scenario())
+    assert code == 0 and seconds < 20
+    for answer in answers:  # an error answer or a closed connection, never a request left hanging
+        assert isinstance(answer, httpx.TransportError) or answer.status_code >= 500, answer

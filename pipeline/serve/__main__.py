@@ -16,6 +16,8 @@ from .config import LoraSpec, ServeConfig
 
 logger = logging.getLogger("pipeline.serve")
 
+GRACE_S = 5  # on SIGINT / SIGTERM, requests in flight have this long; then their connections are closed
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m pipeline.serve", description="Serve a text-to-image model over HTTP.")
@@ -122,7 +124,11 @@ def run(args: argparse.Namespace) -> int:
     )
     level = "info" if args.verbose else "warning"
     uvicorn.run(
-        create_app(service), host=args.host, port=args.port, log_level=level, timeout_graceful_shutdown=10
+        create_app(service),
+        host=args.host,
+        port=args.port,
+        log_level=level,
+        timeout_graceful_shutdown=GRACE_S,
     )
     return 0
 

@@ -115,8 +115,11 @@ class ImageService:
         return service
 
     def close(self) -> None:
-        self.worker.stop()
-        self.pipe.close()
+        """Stop the worker, then save the pipeline's compile / runtime cache (if the worker has let go)."""
+        if self.worker.stop():
+            self.pipe.close()
+        else:
+            logger.warning("the running batch did not finish in time; the compile cache was not saved")
 
     # ---- requests ----------------------------------------------------------------------------------
     def prepare(self, req: ImageRequest) -> Job:

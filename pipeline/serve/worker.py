@@ -226,8 +226,9 @@ class Worker:
                 "max_batch": self.max_batch,
             }
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new jobs, fail the waiting ones, let the running batch finish (up to `timeout`)."""
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Refuse new jobs, fail the waiting ones, let the running batch finish (up to `timeout`).
+        Returns whether the worker thread has ended (then nothing else is using the pipeline)."""
         with self._cond:
             self._stopping = True
             for job in list(self._pending):
@@ -236,6 +237,7 @@ class Worker:
             self._cond.notify_all()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     # ---- the worker thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
