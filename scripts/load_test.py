@@ -237,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run)
                 print_table([run])
         result["runs"] = runs
-        if len(runs) > 1 and runs[0]["max_batch"] == 1:
-            base = runs[0]["images_per_s"]
-            for r in runs[1:]:
-                r["speedup_vs_max_batch_1"] = round(r["images_per_s"] / base, 3) if base else None
+        base = next((r["images_per_s"] for r in runs if r["max_batch"] == 1), None)
+        for r in runs:
+            if base and r["max_batch"] != 1:
+                r["speedup_vs_max_batch_1"] = round(r["images_per_s"] / base, 3)
     result["client"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print_table(result["runs"])
     if args.out:

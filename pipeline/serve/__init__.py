@@ -14,6 +14,7 @@ One model per process. The rooms:
     page.html    the web page (plain HTML and a little JavaScript)
     ray_app.py   the same app as a Ray Serve deployment, one replica per GPU
     __main__.py  the command line
+    launch.py    start a server as a child process and wait for it (tests, browser and load scripts)
 
 The plain server needs the `serve` extra (fastapi, uvicorn); Ray Serve the `serve-ray` extra.
 """
