@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--out-dir", default="docs")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
     from pipeline.serve.launch import running_server
 
     out = Path(args.out_dir)
