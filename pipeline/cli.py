@@ -69,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheduler", metavar="NAME", help="a diffusers scheduler class name"
     )
     p.add_argument("-o", "--output", help="a .png file, or a folder (default: the current folder)")
+    add_engine_arguments(p)
+    cache = p.add_argument_group("cache")
+    cache.add_argument("--cache-info", action="store_true", help="show what is cached where, then exit")
+    cache.add_argument("--clear-cache", action="store_true", help="remove what the app cached, then exit")
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bar")
+    talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """--backend, --device, --dtype, --cache-dir and the engine options (shared with `python -m pipeline.serve`)."""
     p.add_argument("--backend", default="auto", choices=("auto", "rtx", "torch"))
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: bf16/fp16 on GPU, fp32 on CPU")
@@ -88,13 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--precision", choices=("bf16", "fp16", "fp32", "fp8"), help="torch backend precision"
     )
-    cache = p.add_argument_group("cache")
-    cache.add_argument("--cache-info", action="store_true", help="show what is cached where, then exit")
-    cache.add_argument("--clear-cache", action="store_true", help="remove what the app cached, then exit")
-    talk = p.add_mutually_exclusive_group()
-    talk.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bar")
-    talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
@@ -141,24 +146,56 @@ def check_writable(paths: list[Path]) -> None:
         ensure_writable_dir(folder)
 
 
-def save_png(image: Any, path: Path, metadata: dict[str, str]) -> None:
-    """Write a PNG with text metadata, atomically (temp file in the same folder, then rename)."""
-    from PIL.PngImagePlugin import PngInfo
+def png_metadata(
+    prompt: str,
+    *,
+    negative_prompt: str | None,
+    seed: int,
+    settings: dict[str, Any],
+    model: str,
+    backend: str,
+    index: int = 0,
+    **extra: str,
+) -> dict[str, str]:
+    """The text chunks of every PNG this project writes: what it takes to make the image again."""
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt or "",
+        "seed": str(seed),
+        "size": f"{settings['width']}x{settings['height']}",
+        "steps": str(settings["num_inference_steps"]),
+        "guidance_scale": str(settings["guidance_scale"]),
+        "model": model,
+        "backend": backend,
+        "index": str(index),
+        **extra,
+    }
 
-    from .cache import atomic_write_bytes
+
+def encode_png(image: Any, metadata: dict[str, str]) -> bytes:
+    """A PIL image as PNG bytes with text metadata."""
+    from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Any, path: Path, metadata: dict[str, str]) -> None:
+    """Write a PNG with text metadata, atomically (temp file in the same folder, then rename)."""
+    from .cache import atomic_write_bytes
+
     try:
-        atomic_write_bytes(path, buffer.getbuffer())
+        atomic_write_bytes(path, encode_png(image, metadata))
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
 
 
-def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options given on the command line, as `Pipeline.from_pretrained` keywords."""
     names = ("compile", "cuda_graphs", "specialization", "precision")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
@@ -207,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         cache_dir=args.cache_dir,
         scheduler=args.scheduler,
-        **_backend_options(args),
+        **backend_options(args),
     ) as pipe:
         pipe.progress = not args.quiet
         result = pipe(
@@ -220,20 +257,20 @@ def run(args: argparse.Namespace) -> int:
             num_images_per_prompt=args.num_images,
             seed=seed,
         )
-        settings = result.settings
-        metadata = {
-            "prompt": args.prompt,
-            "negative_prompt": args.negative_prompt or "",
-            "seed": str(seed),
-            "size": f"{settings['width']}x{settings['height']}",
-            "steps": str(settings["num_inference_steps"]),
-            "guidance_scale": str(settings["guidance_scale"]),
-            "model": pipe.source.model_id,
-            "scheduler": type(pipe.scheduler).__name__,
-            "backend": pipe.backend.describe(),
-        }
+        model, backend = pipe.source.model_id, pipe.backend.describe()
+        scheduler = type(pipe.scheduler).__name__
     for i, (image, path) in enumerate(zip(result.images, paths, strict=True)):
-        save_png(image, path, dict(metadata, index=str(i)))
+        metadata = png_metadata(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            seed=seed,
+            settings=result.settings,
+            model=model,
+            backend=backend,
+            index=i,
+            scheduler=scheduler,
+        )
+        save_png(image, path, metadata)
     t = result.timings
     if not args.quiet:
         where = str(paths[0]) if len(paths) == 1 else f"{len(paths)} images in {paths[0].parent}"

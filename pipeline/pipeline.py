@@ -9,10 +9,11 @@ pipeline/engines/.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ class Pipeline:
         self.dtype = backend.dtype
         self.progress = True
         self.model_cache: ModelCache | None = None  # where this model's ONNX, engines and caches live
+        self._num_timesteps = 0
         # One CUDA stream for every engine and torch op of a call (never the legacy default stream, which
         # makes TensorRT synchronize around each call and forbids graph capture).
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -174,9 +176,15 @@ class Pipeline:
         seed: int | None = None,
         output_type: str = "pil",
         max_sequence_length: int = 512,
+        callback_on_step_end: Callable[[Pipeline, int, Any, dict[str, Any]], dict[str, Any]] | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt` (a string or a list), with diffusers' argument names and defaults
-        taken from the model (size, steps, guidance). `seed` is used when no `generator` is given."""
+        taken from the model (size, steps, guidance). `seed` is used when no `generator` is given; a list of
+        generators gives one per image, as in diffusers.
+
+        `callback_on_step_end(pipe, step_index, timestep, {})` runs after each denoising step, as in diffusers
+        (`pipe.num_timesteps` says how many there are; no tensor inputs are offered and what it returns is
+        ignored). It adds no host sync: on CUDA it runs when the step has been queued, not finished."""
         with self._on_stream():
             family = self.family
             prompts, negatives = self._check_prompts(prompt, negative_prompt)
@@ -224,16 +232,19 @@ class Pipeline:
                 **family.schedule_kwargs(height, width, steps),
             )
             cond = family.denoiser_conditioning(text, height, width, batch, guidance)
+            self._num_timesteps = plan.num_evaluations
+            timesteps = plan.timesteps if isinstance(plan, Schedule) else plan.scheduler.timesteps
             with tqdm(
                 total=plan.num_evaluations, desc="denoising", disable=not self.progress, leave=False
             ) as bar:
+                on_step = self._on_step(bar.update, timesteps, callback_on_step_end)
                 if isinstance(plan, Schedule):
                     latents = denoise_with_tables(
-                        self.backend, family, plan, x0, cond, guidance, self.dtype, bar.update
+                        self.backend, family, plan, x0, cond, guidance, self.dtype, on_step
                     )
                 else:
                     latents = denoise_with_scheduler(
-                        self.backend, family, plan, x0, cond, guidance, self.dtype, generator, bar.update
+                        self.backend, family, plan, x0, cond, guidance, self.dtype, generator, on_step
                     )
             clock = self._lap(timings, "denoise", clock)
 
@@ -255,7 +266,27 @@ class Pipeline:
             }
             return PipelineOutput(images=images, timings=timings, seed=seed, settings=settings)
 
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps (model evaluations) of the current or last call, as diffusers names it."""
+        return self._num_timesteps
+
     # ---- helpers ----------------------------------------------------------------------------------------
+    def _on_step(
+        self, update: Callable[[], Any], timesteps: torch.Tensor, callback: Callable[..., Any] | None
+    ) -> Callable[[], None]:
+        """What runs after each step: the progress bar, then the caller's callback_on_step_end."""
+        if callback is None:
+            return update
+        index = itertools.count()
+
+        def on_step() -> None:
+            update()
+            i = next(index)
+            callback(self, i, timesteps[i], {})  # the schedule's timesteps are on the host: no sync
+
+        return on_step
+
     @contextlib.contextmanager
     def _on_stream(self) -> Iterator[None]:
         """Inference mode, on the pipeline's own CUDA stream where there is one."""

@@ -1,0 +1,63 @@
+"""What a server (or each Ray Serve replica) is started with: one model, its engine options, service limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA loaded at server start (`--lora NAME=PATH[:SCALE]`); requests select it by name."""
+
+    name: str
+    path: str
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        name, sep, rest = text.partition("=")
+        if not sep or not name or not rest:
+            raise InvalidInputError(f"--lora {text!r}: give NAME=PATH or NAME=PATH:SCALE")
+        path, scale = rest, 1.0
+        head, colon, tail = rest.rpartition(":")
+        if colon and head:
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                pass  # a path with a colon in it, and no scale
+        return cls(name, path, scale)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything a server process needs to load its one model and run its queue."""
+
+    model: str
+    backend: str = "auto"
+    device: str | None = None
+    dtype: str | None = None
+    cache_dir: str | None = None
+    backend_options: dict[str, Any] = field(default_factory=dict)  # compile, cuda_graphs, precision...
+    scheduler: str | None = None  # the default scheduler (class name); None: the model's own
+    loras: tuple[LoraSpec, ...] = ()
+    max_queue: int = 32  # requests waiting (not counting the running batch); more -> 429
+    max_batch: int = 4  # images in one pipeline call
+    batch_wait: float = 0.005  # seconds the worker waits for same-shape company before a call
+    timeout: float = 300.0  # seconds from acceptance to answer, queueing included
+    image_dir: str | None = None  # where `url` images are kept (default: <cache root>/serve-images)
+    keep_images: int = 1000  # the oldest `url` images beyond this many are removed
+    max_side: int = 2048  # pixels per side a request may ask for
+    max_steps: int = 200
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue", "max_batch", "keep_images", "max_side", "max_steps"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.timeout <= 0 or self.batch_wait < 0:
+            raise InvalidInputError("--timeout must be positive and --batch-wait not negative")
+        names = [lora.name for lora in self.loras]
+        if len(set(names)) != len(names):
+            raise InvalidInputError(f"--lora names must be unique, got {', '.join(names)}")
