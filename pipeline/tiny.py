@@ -266,7 +266,7 @@ def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) ->
 
     Under the folder's lock: a second process making the same folder waits, then keeps the first one's. The
     temp folder (`.<name>.<random>.tmp`) of a killed process is swept at a later start (cache/files.py)."""
-    from .cache.files import file_lock, sweep_temps, temp_prefix
+    from .cache.files import UMASK, file_lock, sweep_temps, temp_prefix
     from .loading import quiet_hub_output
 
     folder = Path(folder)
@@ -279,6 +279,7 @@ def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) ->
         try:
             with quiet_hub_output():
                 fill(tmp)
+            os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700; a model folder gets the usual mode
             os.replace(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

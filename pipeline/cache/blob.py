@@ -102,6 +102,18 @@ def read_blob_header(path: str | Path) -> BlobHeader:
 HeaderCheck = Callable[[BlobHeader], "str | None"]  # why a whole, same-platform file still cannot be used
 
 
+def _read_checked(path: Path, platform_key: str, timeout: float, check: HeaderCheck | None) -> bytes:
+    """The payload of a whole cache file for `platform_key` that `check` accepts; raises BadCacheFile,
+    OSError or CacheBusyError saying why not."""
+    with file_lock(path, timeout, purpose="reading a cache file"):
+        raw = path.read_bytes()
+    header, payload = decode_blob(raw, platform_key)
+    problem = check(header) if check is not None else None
+    if problem:
+        raise BadCacheFile(problem)
+    return payload
+
+
 def load_blob(
     path: str | Path,
     platform_key: str,
@@ -120,12 +132,7 @@ def load_blob(
         logger.debug("no cache at %s", path)
         return None
     try:
-        with file_lock(path, timeout, purpose="reading a cache file"):
-            raw = path.read_bytes()
-        header, payload = decode_blob(raw, platform_key)
-        problem = check(header) if check is not None else None
-        if problem:
-            raise BadCacheFile(problem)
+        payload = _read_checked(path, platform_key, timeout, check)
     except (BadCacheFile, OSError, CacheBusyError) as e:
         logger.warning("ignoring cache %s: %s; a fresh one will be saved", path, _reason(e))
         return None
@@ -145,12 +152,10 @@ def blob_problem(
     if not path.is_file():
         return "missing"
     try:
-        with file_lock(path, timeout, purpose="reading a cache file"):
-            raw = path.read_bytes()
-        header, _ = decode_blob(raw, platform_key)
+        _read_checked(path, platform_key, timeout, check)
     except (BadCacheFile, OSError, CacheBusyError) as e:
         return _reason(e)
-    return check(header) if check is not None else None
+    return None
 
 
 def save_blob(

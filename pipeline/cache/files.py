@@ -47,7 +47,7 @@ def _current_umask() -> int:
     return mask
 
 
-_UMASK = _current_umask()
+UMASK = _current_umask()  # what open() and mkdir() leave out of a new file's mode
 
 
 def temp_prefix(target: str | Path) -> str:
@@ -70,7 +70,7 @@ def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -
             os.fsync(f.fileno())
         # mkstemp makes 0600; give the file the mode open() would. os.chmod, not os.fchmod: Windows has no
         # fchmod before Python 3.13.
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..families import Family, StageSpec
-from .base import Backend, Precision, Specialization
+from .base import Backend, Precision, Specialization, parse_precision
 from .torch_compile import GPU_WORK_LOCK, Regions, ShapeKey, Variant, configure_dynamo
 
 if TYPE_CHECKING:
@@ -97,20 +97,13 @@ class TorchOptions:
             raise InvalidInputError(
                 f"specialization must be one of {', '.join(s.value for s in Specialization)}, got {spec!r}"
             ) from None
-        precision = None
-        if options.get("precision") is not None:
-            try:
-                precision = Precision(options["precision"])
-            except ValueError:
-                raise InvalidInputError(
-                    f"precision must be one of {', '.join(p.value for p in Precision)}, got {options['precision']!r}"
-                ) from None
+        precision = parse_precision(options.get("precision"))
         if precision is Precision.FP8:
             from .fp8 import fp8_supported
 
             ok, why = fp8_supported(device)
             if not ok:
-                raise InvalidInputError(f"precision fp8 cannot run here: {why}; use --precision bf16")
+                raise InvalidInputError(f"precision fp8 cannot run here: {why}; leave precision unset")
         return cls(compile_, graphs, specialization, precision)
 
 
@@ -169,8 +162,6 @@ class TorchBackend(Backend):
 
     def __init__(self, family: Family, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
         self.options = TorchOptions.parse(device, options)
-        if self.options.precision is not None:
-            dtype = self.options.precision.dtype
         super().__init__(family, device, dtype)
         _choose_attention(device)
         self.stats = TorchStats()
