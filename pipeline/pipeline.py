@@ -205,7 +205,7 @@ class Pipeline:
     ) -> PipelineOutput:
         """Generate images for `prompt` (a string or a list), with diffusers' argument names and defaults
         taken from the model (size, steps, guidance). `seed` is used when no `generator` is given."""
-        with self._on_stream():
+        with self._on_stream() as caller:
             family = self.family
             prompts, negatives = self._check_prompts(prompt, negative_prompt)
             height, width, steps, guidance = family.request_defaults(
@@ -270,6 +270,8 @@ class Pipeline:
             # 4. decode
             if output_type == "latent":
                 images: Any = latents
+                if caller is not None:  # it will be used, and freed, on the caller's stream
+                    images.record_stream(caller)
             else:
                 latent = family.decoder_input(latents, height, width).to(self.dtype)
                 decoded = self._run_stage("vae_decoder", {"latent": latent})["sample"]
@@ -289,21 +291,21 @@ class Pipeline:
 
     # ---- helpers ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _on_stream(self) -> Iterator[None]:
+    def _on_stream(self) -> Iterator[torch.cuda.Stream | None]:
         """Inference mode, on the pipeline's own CUDA stream where there is one.
 
         Our stream first waits for the caller's current stream (whatever the caller enqueued before the
         call, e.g. weights it changed, is done before we read it), and the caller's stream waits for ours at
-        the end (the tensors we return are safe to use on it)."""
+        the end (the tensors we return are safe to use on it). Yields the caller's stream (None on CPU)."""
         with torch.inference_mode():
             if self.stream is None:
-                yield
+                yield None
                 return
             caller = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(caller)
             try:
                 with torch.cuda.stream(self.stream):
-                    yield
+                    yield caller
             finally:
                 caller.wait_stream(self.stream)
 
