@@ -1,7 +1,12 @@
-"""`python -m pipeline "prompt"`."""
+"""`python -m pipeline "prompt"`. Ctrl-C at any moment, imports included: `interrupted`, exit code 130."""
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    code = 130
+sys.exit(code)

@@ -1,26 +1,29 @@
 """`python -m pipeline "a red fox in the snow"`: generate images from the command line.
 
-The CLI decides what a person sees: a progress bar over the denoising steps, a one-line timing summary, and
-for any error a user can cause one line on stderr and exit code 2.
+The CLI decides what a person sees: a progress bar over the denoising steps, a one-line timing summary (with
+-q only the written paths), for any error a user can cause one line on stderr and exit code 2, and for Ctrl-C
+`interrupted` and exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import InvalidInputError, OutputError, PipelineError
+from .errors import InvalidInputError, PipelineError
+from .images import IMAGE_FORMATS, image_format, save_image
 
 logger = logging.getLogger("pipeline")
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +50,16 @@ def _scheduler_help() -> str:
     )
 
 
+def seed_arg(text: str) -> int:
+    """--seed: a whole number in [0, 2**64)."""
+    from .options import parse_seed
+
+    try:
+        return parse_seed(text)
+    except InvalidInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m pipeline", description="Text to image with FLUX.1 and Stable Diffusion.")
     p.add_argument("prompt", nargs="?", help="what to draw")
@@ -62,19 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="pixels; default the model's")
     p.add_argument("--steps", type=int, help="denoising steps (default: FLUX-dev 28, schnell 4, SD 50)")
     p.add_argument("--guidance-scale", type=float, help="default: FLUX-dev 3.5, schnell 0, SD 7.5")
-    p.add_argument("--seed", type=int, help="random seed (default: a random one, written into the PNG)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument(
+        "--seed",
+        type=seed_arg,
+        help="random seed in [0, 2**64) (default: a random one); image i uses seed + i, written into it",
+    )
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (image i: seed + i)")
     p.add_argument("--negative-prompt", help="what not to draw (Stable Diffusion)")
     p.scheduler_action = p.add_argument(
         "--scheduler", metavar="NAME", help="a diffusers scheduler class name"
     )
-    p.add_argument("-o", "--output", help="a .png file, or a folder (default: the current folder)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help=f"an image file ({', '.join(IMAGE_FORMATS)}), or a folder (default: the current folder)",
+    )
     add_engine_arguments(p)
     cache = p.add_argument_group("cache")
     cache.add_argument("--cache-info", action="store_true", help="show what is cached where, then exit")
     cache.add_argument("--clear-cache", action="store_true", help="remove what the app cached, then exit")
     talk = p.add_mutually_exclusive_group()
-    talk.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bar")
+    talk.add_argument("-q", "--quiet", action="store_true", help="print only the written paths (and errors)")
     talk.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -98,7 +119,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--specialization", choices=("lazy", "eager", "none"), help="shape-specialized kernels"
     )
     engine.add_argument(
-        "--precision", choices=("bf16", "fp16", "fp32", "fp8"), help="torch backend precision"
+        "--precision",
+        choices=("fp8",),
+        help="fp8: the denoiser's large Linear layers in float8 (torch backend; the weights' dtype is --dtype)",
     )
 
 
@@ -127,15 +150,23 @@ def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "image"
 
 
-def output_paths(output: str | None, prompt: str, seed: int, count: int) -> list[Path]:
-    """Where the images go: a .png file (numbered -1, -2... when several), or a folder with predictable names."""
+def output_paths(output: str | None, prompt: str, seeds: list[int]) -> list[Path]:
+    """Where the images go: an image file (numbered -1, -2... when several), or a folder where each image is
+    named after the prompt and its own seed. A suffix that is not an image format is an error, not a folder
+    (end the path with / to mean a folder whose name has a dot)."""
     target = Path(output) if output else Path.cwd()
-    if target.suffix.lower() == ".png":
+    count = len(seeds)
+    as_folder = output is None or output.endswith(("/", os.sep)) or target.is_dir()
+    if not as_folder and image_format(target) is not None:
         if count == 1:
             return [target]
-        return [target.with_name(f"{target.stem}-{i + 1}.png") for i in range(count)]
-    stem = f"{_slug(prompt)}-{seed}"
-    return [target / (f"{stem}.png" if count == 1 else f"{stem}-{i + 1}.png") for i in range(count)]
+        return [target.with_name(f"{target.stem}-{i + 1}{target.suffix}") for i in range(count)]
+    if not as_folder and target.suffix:
+        raise InvalidInputError(
+            f"-o {output}: {target.suffix} is not an image format this writes ({', '.join(IMAGE_FORMATS)}); "
+            "for a folder, end it with /"
+        )
+    return [target / f"{_slug(prompt)}-{seed}.png" for seed in seeds]
 
 
 def check_writable(paths: list[Path]) -> None:
@@ -149,7 +180,6 @@ def check_writable(paths: list[Path]) -> None:
 def png_metadata(
     prompt: str,
     *,
-    negative_prompt: str | None,
     seed: int,
     settings: dict[str, Any],
     model: str,
@@ -157,41 +187,22 @@ def png_metadata(
     index: int = 0,
     **extra: str,
 ) -> dict[str, str]:
-    """The text chunks of every PNG this project writes: what it takes to make the image again."""
-    return {
+    """The text metadata of every image this project writes (CLI and server): what it takes to make the image
+    again. `settings` is `PipelineOutput.settings`; a negative prompt is recorded only where it was used."""
+    metadata = {
         "prompt": prompt,
-        "negative_prompt": negative_prompt or "",
+        "negative_prompt": settings.get("negative_prompt") or "",
         "seed": str(seed),
         "size": f"{settings['width']}x{settings['height']}",
         "steps": str(settings["num_inference_steps"]),
         "guidance_scale": str(settings["guidance_scale"]),
+        "scheduler": str(settings.get("scheduler", "")),
         "model": model,
         "backend": backend,
         "index": str(index),
         **extra,
     }
-
-
-def encode_png(image: Any, metadata: dict[str, str]) -> bytes:
-    """A PIL image as PNG bytes with text metadata."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, value)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
-def save_png(image: Any, path: Path, metadata: dict[str, str]) -> None:
-    """Write a PNG with text metadata, atomically (temp file in the same folder, then rename)."""
-    from .cache import atomic_write_bytes
-
-    try:
-        atomic_write_bytes(path, encode_png(image, metadata))
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+    return {k: v for k, v in metadata.items() if v != "" or k == "prompt"}
 
 
 def backend_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -215,7 +226,7 @@ def _cache_command(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.cache_info or args.clear_cache:
         return _cache_command(args)
-    if not args.prompt:
+    if args.prompt is None:
         raise InvalidInputError(
             'give a prompt, e.g. python -m pipeline "a red fox in the snow" --model tiny-flux'
         )
@@ -224,18 +235,21 @@ def run(args: argparse.Namespace) -> int:
 
     from .families import family_for
     from .loading import resolve_model
+    from .options import check_seed
     from .pipeline import Pipeline, check_request
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    paths = output_paths(args.output, args.prompt, seed, args.num_images)
+    check_seed(seed, args.num_images)
+    seeds = [seed + i for i in range(max(args.num_images, 1))]
+    paths = output_paths(args.output, args.prompt, seeds)
     check_writable(paths)
     # everything a user can get wrong is checked on the configs, before any weights load
     source = resolve_model(args.model, cache_dir=args.cache_dir)
     family = family_for(source)
-    steps = args.steps if args.steps is not None else family.default_steps
-    height = family.default_size if args.height is None else args.height
-    width = family.default_size if args.width is None else args.width
-    check_request(family, height, width, steps, args.num_images, "pil")
+    height, width, steps, guidance = family.request_defaults(
+        args.height, args.width, args.steps, args.guidance_scale
+    )
+    check_request(family, height, width, steps, args.num_images, "pil", guidance)
 
     with Pipeline.from_pretrained(
         source,
@@ -258,21 +272,15 @@ def run(args: argparse.Namespace) -> int:
             seed=seed,
         )
         model, backend = pipe.source.model_id, pipe.backend.describe()
-        scheduler = type(pipe.scheduler).__name__
     for i, (image, path) in enumerate(zip(result.images, paths, strict=True)):
         metadata = png_metadata(
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            seed=seed,
-            settings=result.settings,
-            model=model,
-            backend=backend,
-            index=i,
-            scheduler=scheduler,
+            args.prompt, seed=result.seeds[i], settings=result.settings, model=model, backend=backend, index=i
         )
-        save_png(image, path, metadata)
+        save_image(image, path, metadata, distilled_guidance=family.distilled_guidance)
     t = result.timings
-    if not args.quiet:
+    if args.quiet:
+        print("\n".join(map(str, paths)))
+    else:
         where = str(paths[0]) if len(paths) == 1 else f"{len(paths)} images in {paths[0].parent}"
         print(
             f"text encoders {t['text_encoders']:.2f} s | denoise {t['denoise']:.2f} s | "
@@ -282,13 +290,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet, args.verbose)
     try:
+        args = build_parser().parse_args(argv)
+        _setup_logging(args.quiet, args.verbose)
         return run(args)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

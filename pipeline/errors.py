@@ -32,3 +32,7 @@ class OutOfProfileError(PipelineError):
 
 class OutputError(PipelineError, OSError):
     """An output file or folder cannot be written."""
+
+
+class CacheBusyError(PipelineError, TimeoutError):
+    """A cache file stayed locked by another process for longer than this one waits for it."""

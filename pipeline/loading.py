@@ -7,9 +7,12 @@ component's config, the tokenizers and the scheduler. Weights are loaded by a ba
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +27,36 @@ logger = logging.getLogger(__name__)
 
 # Files a hub download needs: configs, tokenizers, weights (safetensors only, no pickles).
 _HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+# Small text files a model's identity reads whole each time; every other file is hashed once (cache/hashes.py).
+_TEXT_SUFFIXES = (".json", ".txt", ".model")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_revision(path: Path) -> str | None:
+    """The commit of a Hugging Face hub snapshot folder (`.../models--org--name/snapshots/<commit>`), else
+    None. A snapshot's files are fixed by its commit: the commit identifies the weights without reading them."""
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.name if _COMMIT.match(path.name) else None
+    return None
+
+
+@contextlib.contextmanager
+def quiet_hub_output() -> Iterator[None]:
+    """Inside, transformers' and diffusers' own progress bars (one per loaded or saved component: "Loading
+    weights", "Writing model shards") are off; the pipeline's own log lines say what loads. Restored after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (transformers_logging, diffusers_logging)
+    enabled = [lib.is_progress_bar_enabled() for lib in libraries]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in zip(libraries, enabled, strict=True):
+            if was:
+                lib.enable_progress_bar()
 
 
 @dataclass
@@ -34,6 +67,9 @@ class ModelSource:
     model_id: str
     model_index: dict[str, Any]
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cache_dir: Path | None = None  # the cache root where weight-file hashes are remembered (None: default)
+    # after content_hash: how many weight files were "remembered" (not read) and "read"
+    hash_stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def random_weights(self) -> bool:
@@ -80,33 +116,38 @@ class ModelSource:
         lib = diffusers if library == "diffusers" else transformers
         module_cls = getattr(lib, cls)
         logger.debug("loading %s (%s.%s) as %s", component, library, cls, dtype)
-        module = module_cls.from_pretrained(self.path / component, torch_dtype=dtype)
+        with quiet_hub_output():
+            module = module_cls.from_pretrained(self.path / component, torch_dtype=dtype)
         return module.to(device).eval().requires_grad_(False)
 
     @cached_property
     def content_hash(self) -> str:
-        """Hash of every config and the size+mtime-free identity of the weights (their safetensors headers).
+        """A hash that changes when any byte of the model changes: every config and tokenizer file, and the
+        sha256 of every other file (the weights), or, for a hub snapshot, its commit.
 
-        Reading whole weight files would take minutes for FLUX; a safetensors header lists every tensor's
-        name, dtype, shape and byte offsets, and any weight change that keeps all of those is caught by the
-        file's size-independent content hash of the first and last megabyte.
+        A local folder's weight files are read whole once; the result is remembered by file identity (path,
+        size, mtime, ctime, inode) in the cache root (cache/hashes.py), so later starts read no weights.
         """
+        from .cache.hashes import FileHashes
+        from .cache.store import cache_root
+
+        revision = hub_revision(self.path)
+        hashes = FileHashes(cache_root(self.cache_dir)) if revision is None else None
         h = hashlib.sha256()
+        if revision is not None:
+            h.update(f"hub commit {revision}\n".encode())
         for file in sorted(self.path.rglob("*")):
-            if not file.is_file() or file.name.startswith("."):
+            rel = file.relative_to(self.path)
+            if any(part.startswith(".") for part in rel.parts) or not file.is_file():
                 continue
-            rel = file.relative_to(self.path).as_posix()
-            h.update(rel.encode())
-            if file.suffix in (".json", ".txt", ".model"):
-                h.update(file.read_bytes())
-            elif file.suffix in (".safetensors", ".bin"):
-                size = file.stat().st_size
-                h.update(str(size).encode())
-                with file.open("rb") as f:
-                    h.update(f.read(1 << 20))
-                    if size > 2 << 20:
-                        f.seek(-(1 << 20), 2)
-                        h.update(f.read(1 << 20))
+            h.update(rel.as_posix().encode() + b"\0")
+            if file.suffix in _TEXT_SUFFIXES:
+                h.update(hashlib.sha256(file.read_bytes()).digest())
+            elif hashes is not None:
+                h.update(bytes.fromhex(hashes.digest(file)))
+        if hashes is not None:
+            hashes.save()
+            self.hash_stats = {"remembered": hashes.hits, "read": hashes.misses}
         return h.hexdigest()[:16]
 
 
@@ -117,13 +158,15 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise UnsupportedModelError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
 
 
-def read_model(path: Path, model_id: str | None = None) -> ModelSource:
-    """Read a local diffusers-format folder (no weights)."""
+def read_model(path: Path, model_id: str | None = None, cache_dir: Path | None = None) -> ModelSource:
+    """Read a local diffusers-format folder (no weights). `cache_dir`: the cache root (default: the usual)."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise UnsupportedModelError(f"{path} is not a diffusers model folder: it has no model_index.json")
     model_index = _read_json(index_file)
-    source = ModelSource(path=path, model_id=model_id or str(path), model_index=model_index)
+    source = ModelSource(
+        path=path, model_id=model_id or str(path), model_index=model_index, cache_dir=cache_dir
+    )
     for component, value in model_index.items():
         if component.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
@@ -143,7 +186,7 @@ def resolve_model(
 
     path = Path(model).expanduser()
     if path.is_dir():
-        return read_model(path.resolve())
+        return read_model(path.resolve(), cache_dir=cache_dir)
     name = str(model)
     if name in TINY_MODELS or name in ARCHITECTURES:
         folder = cache_root(cache_dir) / "models" / name
@@ -155,14 +198,14 @@ def resolve_model(
                 make_tiny_model(name, folder)
             else:
                 make_architecture(name, folder)
-        return read_model(folder, model_id=name)
+        return read_model(folder, model_id=name, cache_dir=cache_dir)
     if path.exists():
         raise ModelNotFoundError(f"model path {path} is not a folder")
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise ModelNotFoundError(
             f"model {name!r} is neither a folder nor a Hugging Face hub id (org/name), nor a built-in ({', '.join((*TINY_MODELS, *ARCHITECTURES))})"
         )
-    return read_model(_download(name, local_files_only=local_files_only), model_id=name)
+    return read_model(_download(name, local_files_only=local_files_only), model_id=name, cache_dir=cache_dir)
 
 
 def _download(repo_id: str, *, local_files_only: bool) -> Path:

@@ -1,4 +1,4 @@
-"""The few words every entry point parses the same way: devices, dtypes and image sizes.
+"""The few words every entry point parses the same way: devices, dtypes, image sizes and seeds.
 
 One convention for sizes, everywhere (CLI, export, prewarm, bench, server): **WIDTHxHEIGHT**, as the OpenAI
 Images API, A1111 and ComfyUI write them ("1024x768" is 1024 wide, 768 tall).
@@ -14,6 +14,8 @@ from .errors import InvalidInputError
 
 if TYPE_CHECKING:
     from .families import Family
+
+SEED_RANGE = 2**64  # seeds are in [0, 2**64): what torch.Generator.manual_seed takes
 
 # The model dtypes, by their short names (what the CLI, export and the metadata say).
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,3 +92,25 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     if not items:
         raise InvalidInputError(f"no sizes in {text!r}; give WIDTHxHEIGHT[,WIDTHxHEIGHT...]")
     return [parse_size(item) for item in items]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_seed(seed: object, count: int = 1) -> int:
+    """`seed` if it is a whole number in [0, 2**64) leaving room for `count` consecutive seeds (image i of
+    a call uses seed + i); else InvalidInputError."""
+    if not _is_int(seed) or not 0 <= seed or seed + max(count, 1) - 1 >= SEED_RANGE:  # type: ignore[operator]
+        room = f" (and seed + {count - 1} too, for {count} images)" if count > 1 else ""
+        raise InvalidInputError(f"seed must be a whole number in [0, 2**64){room}, got {seed!r}")
+    return seed  # type: ignore[return-value]
+
+
+def parse_seed(text: str | int) -> int:
+    """A seed from the command line ('42') or a number; InvalidInputError outside [0, 2**64)."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"seed must be a whole number in [0, 2**64), got {text!r}") from None
+    return check_seed(value)

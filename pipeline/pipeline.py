@@ -29,7 +29,7 @@ from .errors import InvalidInputError
 from .families import Family, family_for
 from .families.base import Tensors
 from .loading import ModelSource, resolve_model
-from .options import parse_device, parse_dtype
+from .options import check_seed, dtype_name, parse_device, parse_dtype
 from .schedule import Schedule, plan_schedule
 from .schedulers import build_scheduler, check_scheduler
 
@@ -44,14 +44,30 @@ class PipelineOutput:
 
     images: Any
     timings: dict[str, float] = field(default_factory=dict)
-    seed: int | None = None
+    seed: int | None = None  # image i was drawn with seed + i (None when the caller gave generators)
     settings: dict[str, Any] = field(default_factory=dict)  # the resolved height, width, steps, guidance
+    seeds: list[int] | None = None  # each image's own seed: `seed=seeds[i]` alone gives image i again
 
 
 def check_request(
-    family: Family, height: int, width: int, steps: int, per_prompt: int, output_type: str
+    family: Family,
+    height: int,
+    width: int,
+    steps: int,
+    per_prompt: int,
+    output_type: str,
+    guidance_scale: float = 0.0,
+    max_sequence_length: int | None = None,
 ) -> None:
     """Raise InvalidInputError for a request the family cannot serve (before any work is done)."""
+    check_number("guidance_scale", guidance_scale)
+    limit = family.max_text_tokens
+    if limit is not None and max_sequence_length is not None:
+        if not _is_int(max_sequence_length) or not 1 <= max_sequence_length <= limit:
+            raise InvalidInputError(
+                f"max_sequence_length must be a whole number from 1 to {limit} (the most tokens "
+                f"{family.name}'s text encoder reads), got {max_sequence_length!r}"
+            )
     g = family.granularity
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value <= 0 or value % g:
@@ -64,6 +80,42 @@ def check_request(
         raise InvalidInputError(f"num_images_per_prompt must be at least 1, got {per_prompt}")
     if output_type not in OUTPUT_TYPES:
         raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_number(name: str, value: Any) -> None:
+    """InvalidInputError unless `value` is a real number (bools and strings are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise InvalidInputError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+
+
+def make_generators(
+    generator: torch.Generator | list[torch.Generator] | None, seed: int | None, batch: int
+) -> tuple[torch.Generator | list[torch.Generator], list[int] | None]:
+    """The generator(s) a call draws its noise with, and each image's seed where we chose them.
+
+    Given no generator, image i of the batch gets its own `torch.Generator().manual_seed(seed + i)` (diffusers
+    takes one generator per image), so image i alone is `seed=seed + i`. A list must have one generator per
+    image, as in diffusers."""
+    if generator is None:
+        if seed is None:
+            seed = random.randrange(2**63)
+        check_seed(seed, batch)
+        seeds = [seed + i for i in range(batch)]
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
+    if isinstance(generator, list):
+        if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
+            raise InvalidInputError(
+                f"got a list of {len(generator)} generators for {batch} images; give one torch.Generator "
+                "per image (len(prompts) x num_images_per_prompt), or a single one"
+            )
+        return generator, None
+    if not isinstance(generator, torch.Generator):
+        raise InvalidInputError(f"generator must be a torch.Generator or a list of them, got {generator!r}")
+    return generator, None
 
 
 class Pipeline:
@@ -105,16 +157,21 @@ class Pipeline:
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
         scheduler: Any = None,
+        torch_dtype: str | torch.dtype | None = None,
         **backend_options: Any,
     ) -> Pipeline:
         """Load `model` (a diffusers folder, a hub id, or 'tiny-flux' / 'tiny-sd') onto `backend`.
 
         backend: "auto" (rtx where TensorRT-RTX runs, else torch), "rtx" or "torch".
+        dtype (or `torch_dtype`, as diffusers spells it): the weights' dtype, "fp32" | "fp16" | "bf16" or a
+            torch dtype; default float32 on CPU, the family's GPU dtype on CUDA.
         scheduler: a diffusers scheduler instance, or the class name of one of the model's compatible
             schedulers (built with `from_config` on the model's scheduler config); default the model's own.
             Checked before any weights load, as is the model's own.
-        backend_options: compile, cuda_graphs, specialization ("lazy"|"eager"|"none"), precision.
+        backend_options: compile, cuda_graphs, specialization ("none"|"eager"; "lazy" on rtx), precision
+            ("fp8": the denoiser's large Linear layers in float8, what a dtype cannot say).
         """
+        dtype = _one_dtype(dtype, torch_dtype)
         cache_dir = Path(cache_dir) if cache_dir is not None else None
         source = (
             model
@@ -127,18 +184,21 @@ class Pipeline:
         chosen = family.adopt_scheduler(build_scheduler(scheduler, model_scheduler))
         loop = check_scheduler(chosen, family)
         dev = parse_device(device)
-        torch_dtype = parse_dtype(dtype, dev, family)
+        weights_dtype = parse_dtype(dtype, dev, family)
         name = choose_backend(backend, dev)
         model_cache = ModelCache.for_model(source, name, dev, cache_dir)
+        model_cache.sweep_leftovers()
         engine_backend = create_backend(
-            name, family, dev, torch_dtype, cache_dir=cache_dir, model_cache=model_cache, **backend_options
+            name, family, dev, weights_dtype, cache_dir=cache_dir, model_cache=model_cache, **backend_options
         )
+        if dev.type == "cuda":  # weights and fp8 quantization were enqueued on the loading stream
+            torch.cuda.synchronize(dev)
         logger.info(
-            "%s (%s) on %s, %s, backend %s; scheduler %s",
+            "%s (%s) on %s, weights %s, backend %s; scheduler %s",
             source.model_id,
             family.name,
             dev,
-            torch_dtype,
+            dtype_name(engine_backend.dtype),
             engine_backend.describe(),
             loop,
         )
@@ -160,6 +220,12 @@ class Pipeline:
         chosen = build_scheduler(value, self.model_scheduler)
         logger.info("scheduler %s", check_scheduler(chosen, self.family))
         self._scheduler = chosen
+
+    def __repr__(self) -> str:
+        return (
+            f"Pipeline(model={self.source.model_id!r}, family={self.family.name!r}, device={str(self.device)!r}, "
+            f"dtype={self.dtype}, backend={self.backend.describe()!r})"
+        )
 
     # ---- the call ---------------------------------------------------------------------------------------
     def __call__(
@@ -185,18 +251,26 @@ class Pipeline:
         `callback_on_step_end(pipe, step_index, timestep, {})` runs after each denoising step, as in diffusers
         (`pipe.num_timesteps` says how many there are; no tensor inputs are offered and what it returns is
         ignored). It adds no host sync: on CUDA it runs when the step has been queued, not finished."""
-        with self._on_stream():
+        with self._on_stream() as caller:
             family = self.family
             prompts, negatives = self._check_prompts(prompt, negative_prompt)
-            height = family.default_size if height is None else height
-            width = family.default_size if width is None else width
-            steps = num_inference_steps if num_inference_steps is not None else family.default_steps
-            guidance = guidance_scale if guidance_scale is not None else family.default_guidance
-            check_request(family, height, width, steps, num_images_per_prompt, output_type)
+            height, width, steps, guidance = family.request_defaults(
+                height, width, num_inference_steps, guidance_scale
+            )
+            check_request(
+                family,
+                height,
+                width,
+                steps,
+                num_images_per_prompt,
+                output_type,
+                guidance,
+                max_sequence_length,
+            )
+            negatives = self._used_negatives(negatives, guidance)
             batch = len(prompts) * num_images_per_prompt
-            if generator is None:
-                seed = seed if seed is not None else random.randrange(2**63)
-                generator = torch.Generator("cpu").manual_seed(seed)
+            generator, seeds = make_generators(generator, seed, batch)
+            seed = seeds[0] if seeds else None
             timings: dict[str, float] = {}
             clock = time.perf_counter()
 
@@ -251,6 +325,8 @@ class Pipeline:
             # 4. decode
             if output_type == "latent":
                 images: Any = latents
+                if caller is not None:  # it will be used, and freed, on the caller's stream
+                    images.record_stream(caller)
             else:
                 latent = family.decoder_input(latents, height, width).to(self.dtype)
                 decoded = self._run_stage("vae_decoder", {"latent": latent})["sample"]
@@ -263,8 +339,10 @@ class Pipeline:
                 "width": width,
                 "num_inference_steps": steps,
                 "guidance_scale": guidance,
+                "negative_prompt": negative_prompt if negatives is not None else None,
+                "scheduler": type(self.scheduler).__name__,
             }
-            return PipelineOutput(images=images, timings=timings, seed=seed, settings=settings)
+            return PipelineOutput(images=images, timings=timings, seed=seed, settings=settings, seeds=seeds)
 
     @property
     def num_timesteps(self) -> int:
@@ -288,14 +366,23 @@ class Pipeline:
         return on_step
 
     @contextlib.contextmanager
-    def _on_stream(self) -> Iterator[None]:
-        """Inference mode, on the pipeline's own CUDA stream where there is one."""
+    def _on_stream(self) -> Iterator[torch.cuda.Stream | None]:
+        """Inference mode, on the pipeline's own CUDA stream where there is one.
+
+        Our stream first waits for the caller's current stream (whatever the caller enqueued before the
+        call, e.g. weights it changed, is done before we read it), and the caller's stream waits for ours at
+        the end (the tensors we return are safe to use on it). Yields the caller's stream (None on CPU)."""
         with torch.inference_mode():
             if self.stream is None:
-                yield
-            else:
+                yield None
+                return
+            caller = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(caller)
+            try:
                 with torch.cuda.stream(self.stream):
-                    yield
+                    yield caller
+            finally:
+                caller.wait_stream(self.stream)
 
     def _run_stage(self, stage: str, inputs: Tensors) -> Tensors:
         spec = self.family.stages[stage]
@@ -315,9 +402,13 @@ class Pipeline:
     def _check_prompts(
         self, prompt: str | list[str], negative_prompt: str | list[str] | None
     ) -> tuple[list[str], list[str] | None]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, list) else []
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidInputError("prompt must be a string or a non-empty list of strings")
+        blank = sum(1 for p in prompts if not p.strip())
+        if blank:  # as in diffusers: allowed, an image the text does not steer
+            which = "the prompt is" if len(prompts) == 1 else f"{blank} of {len(prompts)} prompts are"
+            logger.warning("%s blank: the image will not follow any text", which)
         if negative_prompt is None:
             return prompts, None
         negatives = (
@@ -328,6 +419,18 @@ class Pipeline:
                 f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one per prompt"
             )
         return prompts, negatives
+
+    def _used_negatives(self, negatives: list[str] | None, guidance: float) -> list[str] | None:
+        """The negative prompts if this family and guidance scale use them; else None, said once."""
+        if negatives is None or self.family.uses_negative_prompt(guidance):
+            return negatives
+        why = (
+            f"{self.family.name} is guidance-distilled and has no negative prompt"
+            if self.family.distilled_guidance
+            else f"guidance_scale {guidance} does not run classifier-free guidance (it needs > 1)"
+        )
+        logger.warning("negative prompt ignored: %s", why)
+        return None
 
     # ---- lifetime ---------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -342,6 +445,16 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _one_dtype(dtype: str | torch.dtype | None, torch_dtype: str | torch.dtype | None) -> Any:
+    """`dtype` and diffusers' spelling `torch_dtype` are one knob: either, or both when they agree."""
+    if torch_dtype is None:
+        return dtype
+    cpu = torch.device("cpu")
+    if dtype is not None and parse_dtype(dtype, cpu) != parse_dtype(torch_dtype, cpu):
+        raise InvalidInputError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
+    return torch_dtype
 
 
 def _to_pil(array: np.ndarray) -> list[Any]:

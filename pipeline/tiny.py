@@ -264,19 +264,26 @@ _MAKERS = {"tiny-flux": _make_flux, "tiny-sd": _make_sd}
 def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) -> Path:
     """Make `folder` by `fill(temp_folder)` then one rename, so no half-made model folder is ever seen.
 
-    If another process finished the same folder first, theirs is kept."""
+    Under the folder's lock: a second process making the same folder waits, then keeps the first one's. The
+    temp folder (`.<name>.<random>.tmp`) of a killed process is swept at a later start (cache/files.py)."""
+    from .cache.files import UMASK, file_lock, sweep_temps, temp_prefix
+    from .loading import quiet_hub_output
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        fill(tmp)
+    sweep_temps(folder.parent)  # before the lock: under it, our own target would look busy
+    with file_lock(folder, None, purpose=f"making {folder.name}"):
         if folder.exists():
-            shutil.rmtree(tmp)
-        else:
+            return folder
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder), suffix=".tmp", dir=folder.parent))
+        try:
+            with quiet_hub_output():
+                fill(tmp)
+            os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700; a model folder gets the usual mode
             os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder
 
 

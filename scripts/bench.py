@@ -901,7 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="fp32, fp16, bf16 (default: the pipeline's)")
     p.add_argument(
-        "--precision", default=None, choices=("bf16", "fp16", "fp32", "fp8"), help="backend precision"
+        "--precision", default=None, choices=("fp8",), help="fp8 denoiser Linear layers (dtype: --dtype)"
     )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)

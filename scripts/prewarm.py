@@ -5,7 +5,8 @@
 
 Runs every (batch, size) through the pipeline with a fresh cache folder, closes the pipeline (which saves
 its cache), copies the cache to OUT/<model-key>/<platform-key>/runtime.cache and adds its entry to
-OUT/manifest.json. Sizes are WIDTHxHEIGHT. Needs the package importable (`pip install -e .`).
+OUT/manifest.json. Sizes are WIDTHxHEIGHT. The torch backend runs with compile on (its default is off on a
+CPU, where nothing would be cached). Needs the package importable (`pip install -e .`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pipeline.cache import (
     tool_versions,
     update_manifest,
 )
+from pipeline.engines import choose_backend
 
 logger = logging.getLogger("prewarm")
 
@@ -64,9 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prewarm(args: argparse.Namespace) -> ShippedCache:
+    backend = choose_backend(args.backend, options.parse_device(args.device))
+    # the torch backend persists compiled code only: compile on, wherever its default is off (CPU)
+    backend_options = {"compile": True} if backend == "torch" else {}
     with tempfile.TemporaryDirectory(prefix="prewarm-") as tmp:
         pipe = Pipeline.from_pretrained(
-            args.model, backend=args.backend, device=args.device, dtype=args.dtype, cache_dir=tmp
+            args.model,
+            backend=backend,
+            device=args.device,
+            dtype=args.dtype,
+            cache_dir=tmp,
+            **backend_options,
         )
         pipe.progress = False
         shapes = []
@@ -89,8 +99,12 @@ def prewarm(args: argparse.Namespace) -> ShippedCache:
         source = cache.runtime_cache_path
         problem = blob_problem(source, cache.platform_key)
         if problem:
-            raise PipelineError(f"the pipeline left no usable cache at {source} ({problem})")
-        backend = cache.platform_key.split("-", 1)[0]
+            why = (
+                "the torch backend saves a cache of what it compiled, and compiled nothing new"
+                if backend == "torch"
+                else "the rtx backend saves the kernels TensorRT-RTX compiled while running"
+            )
+            raise PipelineError(f"the pipeline left no usable cache at {source} ({problem}): {why}")
         info = platform_info(backend, pipe.device)
         if info.key != cache.platform_key:
             raise PipelineError(f"platform key {info.key} differs from the pipeline's {cache.platform_key}")

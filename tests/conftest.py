@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,20 @@ import pytest
 from pipeline.families import Family, ShapeRange, family_for
 from pipeline.loading import read_model
 from pipeline.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Nothing a test makes lands in the user's own cache folder (weight-file hashes, built-in models):
+    tests that need a cache root pass their own; everything else goes to one session folder."""
+    name = "ADAPTIVE_DIFFUSION_CACHE_DIR"
+    before = os.environ.get(name)
+    os.environ[name] = str(tmp_path_factory.mktemp("cache-root"))
+    yield
+    if before is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = before
 
 
 @pytest.fixture(scope="session")

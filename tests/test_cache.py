@@ -19,6 +19,7 @@ import pytest
 from pipeline.cache import (
     SHIPPED_FILE,
     ModelCache,
+    PlatformInfo,
     ShippedCache,
     cache_info,
     clear_cache,
@@ -35,7 +36,7 @@ from pipeline.cache import (
 from pipeline.loading import ModelSource
 
 PLATFORM = "torch-cpu-x86_64-avx2-py3.11-torch2.13.0_cpu"
-OTHER_PLATFORM = "rtx-nvidia_geforce_rtx_4090-sm89-drv560.35-cuda12.9-trtrtx1.7.1"
+OTHER_PLATFORM = "rtx-nvidia_geforce_rtx_4090-sm89-cuda12.9-trtrtx1.7.1"
 FORK = mp.get_context("fork")
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="uses fork and POSIX signals")
 
@@ -219,12 +220,21 @@ def test_cache_of_another_platform_is_never_loaded(tmp_path: Path, caplog: pytes
 # ---- shipped caches ------------------------------------------------------------------------------------
 
 
-def _ship(shipped: Path, cache: ModelCache, data: bytes, header_platform: str | None = None) -> Path:
-    """Put a prewarmed cache for `cache`'s model and platform into a shipped folder, as prewarm does."""
+def _ship(
+    shipped: Path,
+    cache: ModelCache,
+    data: bytes,
+    header_platform: str | None = None,
+    driver: str | None = None,
+) -> Path:
+    """Put a prewarmed cache for `cache`'s model and platform into a shipped folder, as prewarm does (made
+    under NVIDIA driver `driver`, recorded in the entry's platform fields and the file's header)."""
     folder = shipped / cache.model_key / cache.platform_key
     folder.mkdir(parents=True)
     file = folder / SHIPPED_FILE
-    file.write_bytes(encode_blob(data, header_platform or cache.platform_key))
+    file.write_bytes(
+        encode_blob(data, header_platform or cache.platform_key, meta={"driver_version": driver})
+    )
     entry = ShippedCache(
         model_id="org/tiny-model",
         model_hash=cache.model_key.rsplit("-", 1)[1],
@@ -232,6 +242,7 @@ def _ship(shipped: Path, cache: ModelCache, data: bytes, header_platform: str | 
         platform_key=cache.platform_key,
         backend=cache.platform_key.split("-")[0],
         precision="float32",
+        platform={"key": cache.platform_key, "driver_version": driver},
         shapes=[{"batch": 1, "height": 64, "width": 64}],
         files={SHIPPED_FILE: {"sha256": sha256_file(file), "size": file.stat().st_size}},
     )
@@ -283,6 +294,74 @@ def test_manifest_lists_each_shipped_file_with_its_checksum(tmp_path: Path) -> N
     mine = next(e for e in entries if e["platform_key"] == PLATFORM)
     assert mine["files"][SHIPPED_FILE]["sha256"] == sha256_file(file)
     assert set(asdict(ShippedCache.from_json(mine))) == set(mine)
+
+
+def _gpu(backend: str, driver: str | None, **change: object) -> PlatformInfo:
+    fields: dict = {
+        "backend": backend,
+        "device_type": "cuda",
+        "device_name": "NVIDIA GeForce RTX 4090",
+        "compute_capability": "8.9",
+        "driver_version": driver,
+        "cuda_version": "12.9",
+        "tools": {"tensorrt_rtx": "1.7.1.116"} if backend == "rtx" else {"python": "3.11", "torch": "2.11.0"},
+    }
+    return PlatformInfo(**{**fields, **change})
+
+
+@pytest.mark.parametrize("backend", ["rtx", "torch"])
+def test_platform_key_is_exact_where_it_must_be_and_leaves_the_driver_out(backend: str) -> None:
+    # the driver, as NVML (pynvml installed) or /proc gives it, or unknown: one key
+    keys = {_gpu(backend, driver).key for driver in ("560.35.03", "560.35.05", "565.57.01", None)}
+    assert len(keys) == 1
+    key = keys.pop()
+    tool = "tensorrt_rtx" if backend == "rtx" else "torch"
+    others = [
+        _gpu(backend, None, device_name="NVIDIA GeForce RTX 4080"),  # another SKU, same compute capability
+        _gpu(backend, None, compute_capability="12.0"),
+        _gpu(backend, None, cuda_version="13.0"),
+        _gpu(backend, None, tools={**_gpu(backend, None).tools, tool: "9.9.9"}),
+    ]
+    assert all(info.key != key for info in others)
+    assert len({info.key for info in others}) == len(others)
+
+
+def test_platform_key_does_not_depend_on_pynvml_being_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    keys = []
+    for module in (None, types.SimpleNamespace()):  # absent (import fails), then present (and unusable here)
+        monkeypatch.setitem(sys.modules, "pynvml", module)
+        keys += [platform_key("torch", "cpu"), platform_key("rtx", "cpu")]
+    assert keys[:2] == keys[2:]
+
+
+@pytest.mark.parametrize(
+    ("backend", "made_with", "here", "matches"),
+    [
+        ("torch", "550.54.14", "560.35.03", True),  # torch: any driver
+        ("torch", "565.57.01", "560.35.03", True),
+        ("rtx", "555.42.06", "560.35.03", True),  # rtx: a driver at least as new as the one that made it
+        ("rtx", "565.57.01", "560.35.03", False),
+    ],
+)
+def test_shipped_cache_made_on_another_driver_build_matches_where_the_backend_allows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, backend: str, made_with: str, here: str, matches: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="pipeline.cache")
+    key = _gpu(backend, made_with).key
+    assert key == _gpu(backend, here).key  # the user's machine has the same key
+    maker = ModelCache(tmp_path / "maker", "org--tiny-model-0123456789abcdef", key, made_with)
+    _ship(tmp_path / "shipped", maker, b"prewarmed", driver=made_with)
+    user = ModelCache(tmp_path / "user", maker.model_key, key, here)
+
+    resolved = resolve_runtime_cache(user, shipped_dir=tmp_path / "shipped")
+
+    assert (resolved == user.runtime_cache_path) == matches
+    if not matches:
+        assert any(
+            f"made with NVIDIA driver {made_with}" in m and "update the driver" in m for m in caplog.messages
+        )
 
 
 # ---- --cache-info and --clear-cache ---------------------------------------------------------------------

@@ -202,6 +202,7 @@ def test_cli_exports_and_skips(exported: dict[str, Exported], capsys: pytest.Cap
     assert main([str(ex.source.path), "--out", str(ex.out), "--stages", "unet,vae_decoder"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [f"unet: {ex.paths['unet']}", f"vae_decoder: {ex.paths['vae_decoder']}"]
+    assert not list(ex.out.glob("*.lock"))  # the lock that guarded the export is gone with it
 
 
 def _unsupported_model(folder: Path) -> Path:
@@ -211,7 +212,16 @@ def _unsupported_model(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "case", ["unknown-stage", "unsupported-family", "unwritable-out", "missing-model", "bad-device"]
+    "case",
+    [
+        "unknown-stage",
+        "unsupported-family",
+        "unwritable-out",
+        "missing-model",
+        "bad-device",
+        "bad-targets",
+        "bad-size",
+    ],
 )
 def test_cli_bad_input_is_one_line_exit_2(
     tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
@@ -221,6 +231,10 @@ def test_cli_bad_input_is_one_line_exit_2(
         extra = ["--stages", "unet,transformer"]
     elif case == "bad-device":
         extra = ["--device", "cuda" if not torch.cuda.is_available() else "tpu:0"]
+    elif case == "bad-targets":  # refused before anything is exported, not after
+        extra = ["--engines", "--targets", "sm86,sm99"]
+    elif case == "bad-size":
+        extra = ["--engines", "--min-size", "500x500"]  # not a multiple of 8
     elif case == "unsupported-family":
         model = str(_unsupported_model(tmp_path / "sdxl"))
     elif case == "unwritable-out":
@@ -232,6 +246,7 @@ def test_cli_bad_input_is_one_line_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert not (out / MANIFEST).exists()
+    assert not out.is_dir() or sorted(p.name for p in out.iterdir()) == []  # no ONNX, no stray lock file
 
 
 def test_cli_process_exit_code(tmp_path: Path) -> None:

@@ -333,4 +333,32 @@ def test_save_waits_for_the_lock_and_replaces_atomically(tmp_path: Path) -> None
         assert path.read_bytes().endswith(b"old")
     saver.join(10)
     assert path.read_bytes().endswith(b"new kernels")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.cache", "a.cache.lock"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.cache"]  # no temp file, no lock file left
+
+
+@pytest.mark.parametrize(
+    ("made_with", "here", "usable"),
+    [("560.35.03", "560.35.03", True), ("560.35.03", "565.57.01", True), ("565.57.01", "560.35.03", False)],
+    ids=["same-driver", "newer-driver-here", "older-driver-here"],
+)
+def test_runtime_cache_needs_a_driver_at_least_as_new_as_the_one_that_made_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, made_with: str, here: str, usable: bool
+) -> None:
+    """TensorRT-RTX's rule: the same GPU and TensorRT-RTX version (the platform key), and a driver >= the one
+    that made the cache, recorded in the file's header: the driver is not part of the key."""
+    path = tmp_path / "a.cache"
+    save_blob(path, b"kernels", "gpu-a", meta={"driver_version": made_with})
+    with caplog.at_level(logging.WARNING):
+        cache = RuntimeCache(path, key="gpu-a", driver_version=here)
+    assert cache.loaded_bytes == (len(b"kernels") if usable else 0)
+    assert ("update the driver" in caplog.text) == (not usable)
+
+
+def test_runtime_cache_records_the_driver_that_made_it(tmp_path: Path) -> None:
+    from pipeline.cache import read_blob_header
+
+    path = tmp_path / "a.cache"
+    cache = RuntimeCache(path, key="gpu-a", driver_version="560.35.03")
+    cache.attach(FakeRuntimeConfig())
+    assert cache.save()
+    assert read_blob_header(path).meta["driver_version"] == "560.35.03"

@@ -9,7 +9,9 @@ One room per responsibility:
 - shipped.py   prewarmed caches shipped with the app (`caches/manifest.json`) and choosing the one to start from
 - report.py    `--cache-info` and `--clear-cache`
 
-Every write is atomic and guarded by a file lock beside the target (`<name>.lock`). Every read of a cache file
+Every write is atomic and guarded by a file lock beside the target (`<name>.lock`, removed on release; a
+process that waits for one says what it waits for and who holds it). Temp files that killed processes left
+are swept once stale and unlocked (`sweep_temps`). Every read of a cache file
 validates magic, format version, platform key and sha256; a bad file is a miss, said in one warning line, never
 an exception.
 """
@@ -30,14 +32,18 @@ from .blob import (
 )
 from .files import (
     LOCK_TIMEOUT,
+    STALE_AFTER_S,
     atomic_write_bytes,
     atomic_write_text,
     ensure_writable_dir,
     file_lock,
+    is_locked,
+    lock_holder,
     lock_path,
     sha256_file,
+    sweep_temps,
 )
-from .platform import PlatformInfo, platform_info, platform_key, tool_versions
+from .platform import PlatformInfo, driver_problem, platform_info, platform_key, tool_versions
 from .report import cache_info, clear_cache, current_platform_keys
 from .shipped import (
     MANIFEST_VERSION,
@@ -59,6 +65,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "SHIPPED_ENV",
     "SHIPPED_FILE",
+    "STALE_AFTER_S",
     "BadCacheFile",
     "BlobHeader",
     "ModelCache",
@@ -72,10 +79,13 @@ __all__ = [
     "clear_cache",
     "current_platform_keys",
     "decode_blob",
+    "driver_problem",
     "encode_blob",
     "ensure_writable_dir",
     "file_lock",
+    "is_locked",
     "load_blob",
+    "lock_holder",
     "lock_path",
     "model_key",
     "platform_info",
@@ -86,6 +96,7 @@ __all__ = [
     "save_blob",
     "sha256_file",
     "shipped_caches_dir",
+    "sweep_temps",
     "tool_versions",
     "update_manifest",
 ]

@@ -13,13 +13,13 @@ import hashlib
 import json
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import filelock
-
+from ..errors import CacheBusyError
 from .files import LOCK_TIMEOUT, atomic_write_bytes, file_lock
 
 logger = logging.getLogger("pipeline.cache")
@@ -99,37 +99,61 @@ def read_blob_header(path: str | Path) -> BlobHeader:
         return _decode_header(prefix + f.read(min(head_len, _MAX_HEADER)))
 
 
-def load_blob(path: str | Path, platform_key: str, *, timeout: float = LOCK_TIMEOUT) -> bytes | None:
+HeaderCheck = Callable[[BlobHeader], "str | None"]  # why a whole, same-platform file still cannot be used
+
+
+def _read_checked(path: Path, platform_key: str, timeout: float, check: HeaderCheck | None) -> bytes:
+    """The payload of a whole cache file for `platform_key` that `check` accepts; raises BadCacheFile,
+    OSError or CacheBusyError saying why not."""
+    with file_lock(path, timeout, purpose="reading a cache file"):
+        raw = path.read_bytes()
+    header, payload = decode_blob(raw, platform_key)
+    problem = check(header) if check is not None else None
+    if problem:
+        raise BadCacheFile(problem)
+    return payload
+
+
+def load_blob(
+    path: str | Path,
+    platform_key: str,
+    *,
+    timeout: float = LOCK_TIMEOUT,
+    check: HeaderCheck | None = None,
+) -> bytes | None:
     """The payload of the cache file at `path` if it is whole and made for `platform_key`, else None.
 
-    A missing file is a quiet miss. A bad, truncated, foreign or locked-too-long file is a miss with one
-    warning line saying why; the next `save_blob` replaces it.
+    A missing file is a quiet miss. A bad, truncated, foreign or locked-too-long file, or one `check` finds
+    a problem with (e.g. made by a newer driver), is a miss with one warning line saying why; the next
+    `save_blob` replaces it.
     """
     path = Path(path)
     if not path.is_file():
         logger.debug("no cache at %s", path)
         return None
     try:
-        with file_lock(path, timeout):
-            raw = path.read_bytes()
-        _, payload = decode_blob(raw, platform_key)
-    except (BadCacheFile, OSError, filelock.Timeout) as e:
+        payload = _read_checked(path, platform_key, timeout, check)
+    except (BadCacheFile, OSError, CacheBusyError) as e:
         logger.warning("ignoring cache %s: %s; a fresh one will be saved", path, _reason(e))
         return None
     logger.debug("loaded cache %s (%d bytes)", path, len(payload))
     return payload
 
 
-def blob_problem(path: str | Path, platform_key: str, *, timeout: float = LOCK_TIMEOUT) -> str | None:
+def blob_problem(
+    path: str | Path,
+    platform_key: str,
+    *,
+    timeout: float = LOCK_TIMEOUT,
+    check: HeaderCheck | None = None,
+) -> str | None:
     """Why the cache file at `path` cannot be used for `platform_key`, or None when it can."""
     path = Path(path)
     if not path.is_file():
         return "missing"
     try:
-        with file_lock(path, timeout):
-            raw = path.read_bytes()
-        decode_blob(raw, platform_key)
-    except (BadCacheFile, OSError, filelock.Timeout) as e:
+        _read_checked(path, platform_key, timeout, check)
+    except (BadCacheFile, OSError, CacheBusyError) as e:
         return _reason(e)
     return None
 
@@ -148,9 +172,9 @@ def save_blob(
     path = Path(path)
     raw = encode_blob(data, platform_key, tools=tools, meta=meta)
     try:
-        with file_lock(path, timeout):
+        with file_lock(path, timeout, purpose="saving a cache file"):
             atomic_write_bytes(path, raw)
-    except (OSError, filelock.Timeout) as e:
+    except (OSError, CacheBusyError) as e:
         logger.warning("could not save cache %s: %s", path, _reason(e))
         return False
     logger.debug("saved cache %s (%d bytes)", path, len(data))
@@ -158,8 +182,8 @@ def save_blob(
 
 
 def _reason(e: BaseException) -> str:
-    if isinstance(e, filelock.Timeout):
-        return "another process held its lock too long"
+    if isinstance(e, CacheBusyError):
+        return str(e)
     if isinstance(e, OSError):
         return e.strerror or str(e)
     return str(e)

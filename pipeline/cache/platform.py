@@ -1,4 +1,19 @@
-"""Platform keys: everything compiled code depends on (backend, device, driver, CUDA, tool versions)."""
+"""Platform keys: what compiled code depends on, exactly where it must match, and nothing more.
+
+The key is exact for: the backend, the GPU model (SKU, by name) and its compute capability (or the CPU
+architecture and vector ISA), CUDA major.minor, and the compiler and library versions (TensorRT-RTX; or
+Python, torch and triton). It leaves out the NVIDIA driver:
+
+- rtx: TensorRT-RTX's runtime cache is usable on the same GPU and TensorRT-RTX version with a driver at least
+  as new as the one that made it. The driver goes into the cache file's header and the shipped manifest, and
+  `driver_problem` compares it (`>=`, not `==`), so a shipped cache fits every newer driver build.
+- torch: Inductor's artifacts are Triton cubins built by the ptxas that ships with triton, plus Python code;
+  neither changes with the driver build, and a driver that runs this torch build runs them (torch's own
+  compile caches leave the driver out of their keys too).
+
+Nothing in the key depends on optional modules (pynvml): the driver, read through NVML where installed, is
+only recorded.
+"""
 
 from __future__ import annotations
 
@@ -42,22 +57,47 @@ def _driver_version() -> str | None:
     return match.group(1) if match else None
 
 
-def tool_versions(backend: str) -> dict[str, str]:
-    """The versions whose change invalidates what `backend` compiled (absent tools are left out)."""
-    import torch
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version))
 
-    versions: dict[str, str | None] = {"python": ".".join(platform.python_version_tuple()[:2])}
+
+def driver_problem(made_with: str | None, here: str | None) -> str | None:
+    """Why a TensorRT-RTX runtime cache made under driver `made_with` cannot be used under driver `here`
+    (None when it can: same or newer driver, or either one unknown, where TensorRT-RTX itself decides)."""
+    if not made_with or not here:
+        return None
+    if _version_tuple(here) < _version_tuple(made_with):
+        return f"made with NVIDIA driver {made_with}, this machine has the older {here}; update the driver"
+    return None
+
+
+def tool_versions(backend: str) -> dict[str, str]:
+    """The versions whose change invalidates what `backend` compiled (absent tools are left out).
+
+    rtx: TensorRT-RTX only (its runtime cache is native code, whatever Python runs it); torch: Python (the
+    generated code and pickled graphs), torch and triton."""
     if backend == "rtx":
-        versions["tensorrt_rtx"] = _dist_version("tensorrt_rtx")
+        versions = {"tensorrt_rtx": _dist_version("tensorrt_rtx")}
     else:
-        versions["torch"] = torch.__version__
-        versions["triton"] = _dist_version("triton") or _dist_version("pytorch-triton")
+        import torch
+
+        versions = {
+            "python": ".".join(platform.python_version_tuple()[:2]),
+            "torch": torch.__version__,
+            "triton": _dist_version("triton") or _dist_version("pytorch-triton"),
+        }
     return {k: v for k, v in versions.items() if v}
+
+
+def _cuda_major_minor(version: str | None) -> str | None:
+    parts = re.findall(r"\d+", version or "")
+    return ".".join(parts[:2]) if parts else None
 
 
 @dataclass(frozen=True)
 class PlatformInfo:
-    """What a compiled artifact depends on: backend, device, driver, CUDA and tool versions."""
+    """What a compiled artifact depends on: backend, device, CUDA and tool versions (the key), and the driver
+    (recorded, compared by `driver_problem`, never part of the key)."""
 
     backend: str
     device_type: str
@@ -79,8 +119,6 @@ class PlatformInfo:
             parts.append(self.cpu_arch)
         if self.cpu_capability:
             parts.append(self.cpu_capability)
-        if self.driver_version:
-            parts.append("drv" + self.driver_version)
         if self.cuda_version:
             parts.append("cuda" + self.cuda_version)
         parts += [f"{_TOOL_ABBREV.get(name, name)}{version}" for name, version in sorted(self.tools.items())]
@@ -117,7 +155,7 @@ def platform_info(backend: str, device: torch.device | str) -> PlatformInfo:
             device_name=torch.cuda.get_device_name(index),
             compute_capability=f"{major}.{minor}",
             driver_version=_driver_version(),
-            cuda_version=torch.version.cuda,
+            cuda_version=_cuda_major_minor(torch.version.cuda),
             tools=tools,
         )
     if device.type == "cpu":

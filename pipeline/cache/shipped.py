@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import filelock
-
-from .blob import BadCacheFile, _reason, blob_problem, decode_blob
-from .files import atomic_write_bytes, atomic_write_text, file_lock, sha256_file
+from ..errors import CacheBusyError
+from .blob import BadCacheFile, BlobHeader, _reason, blob_problem, decode_blob
+from .files import LOCK_TIMEOUT, atomic_write_bytes, atomic_write_text, file_lock, sha256_file
 from .store import ModelCache
 
 logger = logging.getLogger("pipeline.cache")
@@ -72,10 +72,12 @@ def read_manifest(shipped_dir: str | Path) -> list[ShippedCache]:
         raise BadCacheFile(f"{path} is not a valid manifest ({e})") from e
 
 
-def update_manifest(shipped_dir: str | Path, entry: ShippedCache) -> None:
-    """Add `entry` to the manifest, replacing any entry for the same model and platform (atomic, locked)."""
+def update_manifest(shipped_dir: str | Path, entry: ShippedCache, *, timeout: float = LOCK_TIMEOUT) -> None:
+    """Add `entry` to the manifest, replacing any entry for the same model and platform (atomic, locked).
+
+    Raises CacheBusyError when another process holds the manifest for longer than `timeout` seconds."""
     path = Path(shipped_dir) / "manifest.json"
-    with file_lock(path):
+    with file_lock(path, timeout, purpose=f"adding {entry.folder} to the manifest"):
         entries = [
             e
             for e in read_manifest(shipped_dir)
@@ -95,7 +97,7 @@ def resolve_runtime_cache(model_cache: ModelCache, shipped_dir: str | Path | Non
     """
     target = model_cache.runtime_cache_path
     if target.is_file():
-        problem = blob_problem(target, model_cache.platform_key)
+        problem = blob_problem(target, model_cache.platform_key, check=header_check(model_cache))
         if problem is None:
             return target
         logger.warning("ignoring cache %s: %s", target, problem)
@@ -105,9 +107,9 @@ def resolve_runtime_cache(model_cache: ModelCache, shipped_dir: str | Path | Non
         return None
     try:
         data = source.read_bytes()
-        with file_lock(target):
+        with file_lock(target, purpose="copying a shipped cache in"):
             atomic_write_bytes(target, data)
-    except (OSError, filelock.Timeout) as e:
+    except (OSError, CacheBusyError) as e:
         logger.warning("could not copy shipped cache %s: %s", source, _reason(e))
         return None
     logger.info("starting from shipped cache %s", source)
@@ -138,8 +140,12 @@ def _matching_shipped(model_cache: ModelCache, shipped_dir: Path) -> Path | None
                 model_cache.platform_key,
             )
             continue
+        problem = model_cache.driver_problem(entry.platform.get("driver_version"))
+        if problem:
+            logger.info("skipping shipped cache %s: %s", entry.folder, problem)
+            continue
         path = shipped_dir / entry.folder / SHIPPED_FILE
-        problem = _shipped_problem(entry, path, model_cache.platform_key)
+        problem = _shipped_problem(entry, path, model_cache)
         if problem:
             logger.warning("skipping shipped cache %s: %s", path, problem)
             continue
@@ -147,7 +153,12 @@ def _matching_shipped(model_cache: ModelCache, shipped_dir: Path) -> Path | None
     return None
 
 
-def _shipped_problem(entry: ShippedCache, path: Path, platform_key: str) -> str | None:
+def header_check(model_cache: ModelCache) -> Callable[[BlobHeader], str | None]:
+    """The check of a cache file's header beyond its platform key: the driver that made it (rtx)."""
+    return lambda header: model_cache.driver_problem(header.meta.get("driver_version"))
+
+
+def _shipped_problem(entry: ShippedCache, path: Path, model_cache: ModelCache) -> str | None:
     expected = entry.files.get(SHIPPED_FILE, {}).get("sha256")
     if not path.is_file():
         return "listed in the manifest but missing"
@@ -156,7 +167,7 @@ def _shipped_problem(entry: ShippedCache, path: Path, platform_key: str) -> str 
     if sha256_file(path) != expected:
         return "sha256 differs from the manifest (damaged or edited)"
     try:
-        decode_blob(path.read_bytes(), platform_key)
+        header, _ = decode_blob(path.read_bytes(), model_cache.platform_key)
     except BadCacheFile as e:
         return str(e)
-    return None
+    return header_check(model_cache)(header)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import platformdirs
 
-from .platform import platform_key
+from .files import sweep_temps
+from .platform import driver_problem, platform_info
 
 if TYPE_CHECKING:
     import torch
@@ -44,11 +45,14 @@ def model_key(source: ModelSource) -> str:
 
 @dataclass(frozen=True)
 class ModelCache:
-    """The paths of one model on one platform inside the cache root."""
+    """The paths of one model on one platform inside the cache root.
+
+    `driver_version`: the NVIDIA driver here (rtx caches record the one that made them; see platform.py)."""
 
     root: Path
     model_key: str
     platform_key: str
+    driver_version: str | None = None
 
     @classmethod
     def for_model(
@@ -58,7 +62,28 @@ class ModelCache:
         device: torch.device | str,
         cache_dir: str | Path | None = None,
     ) -> ModelCache:
-        return cls(cache_root(cache_dir), model_key(source), platform_key(backend, device))
+        info = platform_info(backend, device)
+        return cls(cache_root(cache_dir), model_key(source), info.key, info.driver_version)
+
+    @property
+    def backend(self) -> str:
+        return self.platform_key.split("-", 1)[0]
+
+    def driver_problem(self, made_with: str | None) -> str | None:
+        """Why a cache made under NVIDIA driver `made_with` cannot serve here (rtx: needs a driver at least as
+        new; torch: any driver), or None."""
+        return driver_problem(made_with, self.driver_version) if self.backend == "rtx" else None
+
+    def sweep_leftovers(self) -> list[Path]:
+        """Remove what killed processes left in this model's folders (stale, unlocked temp files)."""
+        folders = (
+            self.runtime_cache_path.parent,
+            self.engine_dir,
+            self.onnx_dir,
+            self.root / "models",
+            self.root,
+        )
+        return [path for folder in folders for path in sweep_temps(folder)]
 
     @property
     def model_dir(self) -> Path:

@@ -29,16 +29,27 @@ class Specialization(StrEnum):
 
 
 class Precision(StrEnum):
-    BF16 = "bf16"
-    FP16 = "fp16"
-    FP32 = "fp32"
-    FP8 = "fp8"
+    """What the weights' dtype (`dtype=`) cannot say about how a stage computes."""
 
-    @property
-    def dtype(self) -> torch.dtype:
-        from ..options import DTYPES
+    FP8 = "fp8"  # the denoiser's large Linear layers in float8 e4m3; activations and the rest in `dtype`
 
-        return DTYPES.get(self.value, torch.bfloat16)  # fp8 layers keep bf16 activations
+
+def parse_precision(value: object) -> Precision | None:
+    """None, or Precision from its name; a dtype name gets told to use `dtype` (one knob for the dtype)."""
+    from ..errors import InvalidInputError
+    from ..options import DTYPES
+
+    if value is None:
+        return None
+    try:
+        return Precision(value)
+    except ValueError:
+        pass
+    hint = (
+        f"; {value} is the weights' dtype: pass dtype={value!r} (--dtype {value})" if value in DTYPES else ""
+    )
+    choices = ", ".join(p.value for p in Precision)
+    raise InvalidInputError(f"precision must be one of {choices}, got {value!r}{hint}")
 
 
 class Engine(Protocol):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..cache import load_blob, platform_key, save_blob
+from ..cache import driver_problem, load_blob, platform_info, save_blob
 from ..errors import InvalidInputError, OutOfProfileError, PipelineError
 from .base import Specialization
 
@@ -90,10 +90,16 @@ class RuntimeCache:
     once; `close()` and leaving a `with` block save too.
     """
 
-    def __init__(self, path: str | Path, key: str | None = None) -> None:
+    def __init__(self, path: str | Path, key: str | None = None, driver_version: str | None = None) -> None:
         self.path = Path(path)
-        self.key = key or platform_key("rtx", torch.device("cuda"))
-        self._blob = load_blob(self.path, self.key)
+        if key is None:
+            info = platform_info("rtx", torch.device("cuda"))
+            key, driver_version = info.key, info.driver_version
+        self.key = key
+        self.driver_version = driver_version  # recorded on save; a cache needs a driver at least this new
+        self._blob = load_blob(
+            self.path, self.key, check=lambda h: driver_problem(h.meta.get("driver_version"), driver_version)
+        )
         self._cache: Any = None  # trt.IRuntimeCache
         self._owner: Any = None  # the IRuntimeConfig that created it, kept alive with it
         self._closed = False
@@ -125,7 +131,8 @@ class RuntimeCache:
         if self._cache is None:
             return False
         blob = bytes(memoryview(self._cache.serialize()))
-        if not save_blob(self.path, blob, self.key, meta={"kind": "tensorrt_rtx runtime cache"}):
+        meta = {"kind": "tensorrt_rtx runtime cache", "driver_version": self.driver_version}
+        if not save_blob(self.path, blob, self.key, meta=meta):
             return False
         logger.info("saved runtime cache (%.1f MB) to %s", len(blob) / 1e6, self.path)
         return True

@@ -70,7 +70,9 @@ class RtxBackend(Backend):
         paths = build_engines(family, model_cache.onnx_dir, model_cache.engine_dir, **build)
 
         resolve_runtime_cache(model_cache)  # copies a matching shipped cache in when the user has none
-        self.runtime_cache = RuntimeCache(model_cache.runtime_cache_path, model_cache.platform_key)
+        self.runtime_cache = RuntimeCache(
+            model_cache.runtime_cache_path, model_cache.platform_key, model_cache.driver_version
+        )
         for name in paths:
             graphs = cuda_graphs if cuda_graphs is not None else name == family.denoiser
 

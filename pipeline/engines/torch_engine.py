@@ -27,7 +27,7 @@ import torch
 from ..errors import InvalidInputError
 from ..families import Family, StageSpec
 from ..families.base import Tensors
-from .base import Backend, Precision, Specialization
+from .base import Backend, Precision, Specialization, parse_precision
 from .compile_cache import INDUCTOR_GROUP, ArtifactStore, load_store, save_store
 from .torch_compile import CompiledForward, RegionCompiler, RegionStats, configure_dynamo, wrap_regions
 
@@ -102,13 +102,13 @@ class TorchOptions:
                 "specialization lazy is a TensorRT-RTX option; the torch backend serves every size with "
                 "generic dynamic-shape kernels (none, the default) or static ones per size (eager)"
             )
-        precision = _choice(options, "precision", Precision, None)
+        precision = parse_precision(options.get("precision"))
         if precision is Precision.FP8:
             from .fp8 import fp8_supported
 
             ok, why = fp8_supported(device)
             if not ok:
-                raise InvalidInputError(f"precision fp8 cannot run here: {why}; use --precision bf16")
+                raise InvalidInputError(f"precision fp8 cannot run here: {why}; leave precision unset")
         attention = options.get("attention") or "auto"
         if attention not in ATTENTION_CHOICES:
             raise InvalidInputError(
@@ -170,8 +170,6 @@ class TorchBackend(Backend):
 
     def __init__(self, family: Family, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
         self.options = TorchOptions.parse(device, options)
-        if self.options.precision is not None:
-            dtype = self.options.precision.dtype
         super().__init__(family, device, dtype)
         self.attention = choose_attention(device, self.options.attention)
         self.stats = TorchStats()

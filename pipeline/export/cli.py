@@ -58,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         source = resolve_model(args.model, cache_dir=args.cache_dir)
         family = family_for(source)
+        if args.engines:  # every engine option is checked before the export, not after it
+            from .engines import parse_targets, shape_range_from_args
+
+            parse_targets(args.targets)
+            shape_range_from_args(args, family)
         paths = export_model(
             source,
             args.out,

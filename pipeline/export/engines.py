@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..cache import atomic_write_bytes, file_lock, sha256_file
+from ..cache import atomic_write_bytes, file_lock, sha256_file, sweep_temps
 from ..engines.rtx import TrtLogger, trt
 from ..errors import InvalidInputError, PipelineError
 from ..families import Family, ShapeRange, StageSpec
@@ -199,7 +199,9 @@ def build_engine(
     targets = parse_targets(targets)
     meta_path = out_path.with_suffix(".json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(out_path):
+    sweep_temps(out_path.parent)  # what killed builds left
+    # builds of one engine take turns: a second process waits (saying for whom), then finds it up to date
+    with file_lock(out_path, None, purpose=f"building the {stage_spec.name} TensorRT-RTX engine"):
         meta = engine_metadata(onnx_path, profile, targets, weight_streaming)
         reason = "forced" if force else _why_rebuild(_read_metadata(meta_path), meta, out_path)
         if reason is None:

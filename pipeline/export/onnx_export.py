@@ -27,7 +27,7 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from ..cache import atomic_write_text, ensure_writable_dir, file_lock, sha256_file
+from ..cache import atomic_write_text, ensure_writable_dir, file_lock, sha256_file, sweep_temps
 from ..errors import InvalidInputError
 from ..families import Family, StageSpec, TensorSpec, family_for
 from ..loading import ModelSource, resolve_model
@@ -324,7 +324,8 @@ def _write_stage(
 
     onnx_name = f"{spec.name}.onnx"
     data_name = f"{onnx_name}.data"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", suffix=".tmp", dir=out_dir))
+    # `.<stage>.onnx.<random>.tmp`: a killed export's temp folder is swept at a later run (cache/files.py)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{onnx_name}.", suffix=".tmp", dir=out_dir))
     try:
         # Our threshold decides, not torch's `save` (which goes external from 1.5 GiB on, so a 1.7 GB model
         # got a data file this function did not expect and dropped).
@@ -432,7 +433,10 @@ def export_model(
     if opset < MIN_OPSET:
         raise InvalidInputError(f"opset {opset} is too old for the exporter; use {MIN_OPSET} or newer")
     paths = {}
-    with file_lock(out / MANIFEST):
+    # Exports of one folder take turns: a second process waits (saying for whom), then finds the stages
+    # up to date. Temp folders of killed exports go first.
+    sweep_temps(out)
+    with file_lock(out / MANIFEST, None, purpose=f"exporting {source.model_id} to ONNX"):
         for name in names:
             paths[name] = _export_stage(source, family, name, out, dtype, opset, force, device)
     return paths

@@ -174,6 +174,10 @@ class Family(ABC):
     default_cuda_dtype: ClassVar[torch.dtype] = torch.float16  # the weights' dtype on a GPU unless asked
     # diffusers' pipeline calls scheduler.set_begin_index(0) (FLUX does; SD's pipelines do not)
     schedule_begin_index: ClassVar[bool] = False
+    # guidance_scale is a distilled guidance input of the denoiser (FLUX.1-dev), not classifier-free guidance
+    distilled_guidance: ClassVar[bool] = False
+    # the most text tokens `max_sequence_length` may ask for (None: the family has no such argument)
+    max_text_tokens: ClassVar[int | None] = None
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source
@@ -202,6 +206,26 @@ class Family(ABC):
     @property
     @abstractmethod
     def default_steps(self) -> int: ...
+
+    def request_defaults(
+        self,
+        height: int | None,
+        width: int | None,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+    ) -> tuple[Any, Any, Any, Any]:
+        """(height, width, steps, guidance) with the model's defaults for what is None: its native size,
+        the steps and guidance its model card gives. Values are not checked here (`check_request` does)."""
+        return (
+            self.default_size if height is None else height,
+            self.default_size if width is None else width,
+            self.default_steps if num_inference_steps is None else num_inference_steps,
+            self.default_guidance if guidance_scale is None else guidance_scale,
+        )
+
+    def uses_negative_prompt(self, guidance_scale: float) -> bool:
+        """Whether a negative prompt changes the image at this guidance scale (classifier-free guidance)."""
+        return False
 
     @property
     @abstractmethod

@@ -7,7 +7,6 @@ the transformer has one, unpack + (latents / scaling) + shift before the VAE dec
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,8 +15,6 @@ import torch
 
 from .base import DimRange, Family, ShapeRange, StageSpec, Tensors, TensorSpec, vae_decoder_stage
 from .text import tokenize
-
-logger = logging.getLogger(__name__)
 
 
 def _clip_pooled(module: torch.nn.Module, x: Mapping[str, torch.Tensor]) -> Tensors:
@@ -50,6 +47,8 @@ class FluxFamily(Family):
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     default_cuda_dtype = torch.bfloat16
     schedule_begin_index = True
+    distilled_guidance = True
+    max_text_tokens = 512  # T5's length in diffusers' FluxPipeline
 
     @property
     def granularity(self) -> int:
@@ -147,9 +146,8 @@ class FluxFamily(Family):
         max_sequence_length: int = 512,
         **kwargs: Any,
     ) -> Tensors:
-        if negative_prompts is not None:
-            logger.warning("FLUX is guidance-distilled and does not use negative prompts; ignoring them")
-        clip_ids = tokenize(self.source.tokenizer("tokenizer"), prompts, self.clip_length)
+        # CLIP gives only the pooled summary; T5 reads the text, and says when it had to drop some
+        clip_ids = tokenize(self.source.tokenizer("tokenizer"), prompts, self.clip_length, warn=False)
         t5_ids = tokenize(self.source.tokenizer("tokenizer_2"), prompts, max_sequence_length)
         pooled = run("text_encoder", {"input_ids": clip_ids})["pooler_output"]
         embeds = run("text_encoder_2", {"input_ids": t5_ids})["last_hidden_state"]

@@ -117,6 +117,9 @@ class StableDiffusionFamily(Family):
     def uses_cfg(self, guidance_scale: float) -> bool:
         return guidance_scale > 1.0 and self.source.configs["unet"].get("time_cond_proj_dim") is None
 
+    def uses_negative_prompt(self, guidance_scale: float) -> bool:
+        return self.uses_cfg(guidance_scale)
+
     def encode_prompt(
         self,
         run: Callable[[str, Tensors], Tensors],

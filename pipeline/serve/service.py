@@ -19,8 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..cli import encode_png, png_metadata
+from ..cli import png_metadata
 from ..errors import InvalidInputError
+from ..images import a1111_parameters, encode_image
 from ..pipeline import check_request
 from .config import ServeConfig
 from .schemas import MAX_N, MAX_SEED, ImageRequest
@@ -63,6 +64,7 @@ class ImageService:
         self.family = pipe.family
         self.model_id = pipe.source.model_id
         self.backend = pipe.backend.describe()
+        self.distilled = pipe.family.distilled_guidance  # FLUX: the guidance is distilled, not CFG
         self.device = _describe_device(pipe.device)
         self.created = int(time.time())
         self.scheduler, self.schedulers = scheduler_choices(pipe)
@@ -205,22 +207,27 @@ class ImageService:
             "scheduler": s["scheduler"],
             "lora": s["lora"],
         }
-        extra = {"scheduler": s["scheduler"]} if s["scheduler"] else {}
+        extra: dict[str, str] = {}
         if s["lora"]:
             extra["lora"] = ",".join(f"{name}:{scale:g}" for name, scale in s["lora"].items())
         data = []
         for i, (image, seed) in enumerate(zip(result.images, job.seeds, strict=True)):
+            # the batch's settings, with this job's own negative prompt where the model used one
+            own = dict(
+                s, negative_prompt=job.negative_prompt if s.get("negative_prompt") is not None else None
+            )
             metadata = png_metadata(
                 job.prompt,
-                negative_prompt=job.negative_prompt,
                 seed=seed,
-                settings=s,
+                settings=own,
                 model=self.model_id,
                 backend=self.backend,
                 index=i,
                 **extra,
             )
-            png = encode_png(image, metadata)
+            png = encode_image(
+                image, "PNG", metadata, a1111_parameters(metadata, distilled_guidance=self.distilled)
+            )
             if response_format == "b64_json":
                 data.append({"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed})
             else:
