@@ -28,6 +28,7 @@ class DenoiseState:
     timesteps: torch.Tensor  # (K,) in the denoiser's timestep dtype
     cond: Tensors  # static denoiser inputs (text embeddings, ids, guidance embedding input)
     guidance: torch.Tensor  # () float32: classifier-free guidance scale (used where the family guides)
+    guidance_rescale: torch.Tensor  # () float32: diffusers' guidance_rescale (0: none)
     index: torch.Tensor  # () int64: the step being run
 
     @classmethod
@@ -39,6 +40,7 @@ class DenoiseState:
         cond: Tensors,
         guidance_scale: float,
         dtype: torch.dtype,
+        guidance_rescale: float = 0.0,
     ) -> DenoiseState:
         device = x0.device
         k = schedule.num_evaluations
@@ -51,6 +53,7 @@ class DenoiseState:
             timesteps=family.timestep_values(schedule.timesteps, dtype).to(device),
             cond=cond,
             guidance=torch.tensor(guidance_scale, device=device, dtype=torch.float32),
+            guidance_rescale=torch.tensor(guidance_rescale, device=device, dtype=torch.float32),
             index=torch.zeros((), device=device, dtype=torch.int64),
         )
 
@@ -62,6 +65,7 @@ class DenoiseState:
             "out_coef": self.out_coef,
             "timesteps": self.timesteps,
             "guidance": self.guidance,
+            "guidance_rescale": self.guidance_rescale,
             "index": self.index,
         }
         return fixed | {f"cond.{name}": t for name, t in sorted(self.cond.items())}
@@ -75,6 +79,7 @@ class DenoiseState:
             timesteps=self.timesteps.clone(),
             cond={name: t.clone() for name, t in self.cond.items()},
             guidance=self.guidance.clone(),
+            guidance_rescale=self.guidance_rescale.clone(),
             index=torch.zeros_like(self.index),
         )
 
@@ -104,7 +109,7 @@ def make_step(
         x = state.latents(state.in_coef.index_select(0, k)[0]).to(dtype)
         t = state.timesteps.index_select(0, k)
         out = denoiser(**family.denoiser_inputs(x, t, state.cond))["noise_pred"]
-        guided = family.guide(out, state.guidance, x.shape[0])
+        guided = family.guide(out, state.guidance, x.shape[0], state.guidance_rescale)
         state.history.index_copy_(0, k + 1, guided.unsqueeze(0).to(torch.float32))
         state.index.add_(1)
 

@@ -21,7 +21,7 @@ from .errors import ModelNotFoundError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-flux", "tiny-sd")
+TINY_MODELS = ("tiny-flux", "tiny-sd", "tiny-sdxl")
 
 # Files a hub download needs: configs, tokenizers, weights (safetensors only, no pickles).
 _HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]

@@ -1,6 +1,6 @@
 """`Pipeline`: prompt -> text encoders -> denoising loop -> VAE decoder -> images, through engines.
 
-Read `__call__` top to bottom: it is the whole algorithm. Family-specific math (FLUX vs Stable Diffusion)
+Read `__call__` top to bottom: it is the whole algorithm. Family-specific math (FLUX, SD, SDXL)
 lives in pipeline/families/, the scheduler arithmetic in schedule.py, the loop's buffers in denoise.py, and
 how each stage runs (TensorRT-RTX or torch) in pipeline/engines/.
 """
@@ -123,7 +123,7 @@ class Pipeline:
         local_files_only: bool = False,
         **backend_options: Any,
     ) -> Pipeline:
-        """Load `model` (a diffusers folder, a hub id, or 'tiny-flux' / 'tiny-sd') onto `backend`.
+        """Load `model` (a diffusers folder, a hub id, or 'tiny-flux' / 'tiny-sd' / 'tiny-sdxl') onto `backend`.
 
         backend: "auto" (rtx where TensorRT-RTX runs, else torch), "rtx" or "torch".
         backend_options: compile, cuda_graphs, specialization ("lazy"|"eager"|"none"), precision.
@@ -169,12 +169,38 @@ class Pipeline:
         seed: int | None = None,
         output_type: str = "pil",
         max_sequence_length: int = 512,
+        guidance_rescale: float | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt` (a string or a list), with diffusers' argument names and defaults
-        taken from the model (size, steps, guidance). `seed` is used when no `generator` is given."""
+        taken from the model (size, steps, guidance). `seed` is used when no `generator` is given.
+
+        The arguments after `max_sequence_length` are those of some families only (SDXL: all of them; SD:
+        guidance_rescale); None means diffusers' default. Giving one the model's family does not use is an
+        error."""
         with self._on_stream():
             family = self.family
             prompts, negatives = self._check_prompts(prompt, negative_prompt)
+            given = {
+                "guidance_rescale": guidance_rescale,
+                "prompt_2": prompt_2,
+                "negative_prompt_2": negative_prompt_2,
+                "original_size": original_size,
+                "crops_coords_top_left": crops_coords_top_left,
+                "target_size": target_size,
+                "negative_original_size": negative_original_size,
+                "negative_crops_coords_top_left": negative_crops_coords_top_left,
+                "negative_target_size": negative_target_size,
+            }
+            options = {name: value for name, value in given.items() if value is not None}
+            family.check_options(options)
             height = family.default_size if height is None else height
             width = family.default_size if width is None else width
             steps = num_inference_steps if num_inference_steps is not None else family.default_steps
@@ -195,6 +221,7 @@ class Pipeline:
                 guidance,
                 num_images_per_prompt,
                 max_sequence_length=max_sequence_length,
+                **options,
             )
             clock = self._lap(timings, "text_encoders", clock)
 
@@ -213,11 +240,12 @@ class Pipeline:
             schedule = plan_schedule(
                 self.source.scheduler,
                 steps,
-                begin_index=family.name == "flux",
+                begin_index=family.scheduler_begin_index,
                 **family.schedule_kwargs(height, width, steps),
             )
-            cond = family.denoiser_conditioning(text, height, width, batch, guidance)
-            state = DenoiseState.create(family, schedule, x0, cond, guidance, self.dtype)
+            cond = family.denoiser_conditioning(text, height, width, batch, guidance, **options)
+            rescale = options.get("guidance_rescale", 0.0)
+            state = DenoiseState.create(family, schedule, x0, cond, guidance, self.dtype, rescale)
             denoiser = self.backend.engines[family.denoiser]
             with tqdm(total=state.num_steps, desc="denoising", disable=not self.progress, leave=False) as bar:
                 state = self.backend.denoise(
@@ -230,7 +258,8 @@ class Pipeline:
             if output_type == "latent":
                 images: Any = latents
             else:
-                latent = family.decoder_input(latents, height, width).to(self.dtype)
+                vae_dtype = family.stage_dtype("vae_decoder", self.dtype)  # SDXL: float32 where fp16 overflows
+                latent = family.decoder_input(latents.to(vae_dtype), height, width)
                 decoded = self._run_stage("vae_decoder", {"latent": latent})["sample"]
                 array = (decoded / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
                 images = array if output_type == "np" else _to_pil(array)
@@ -257,10 +286,11 @@ class Pipeline:
 
     def _run_stage(self, stage: str, inputs: Tensors) -> Tensors:
         spec = self.family.stages[stage]
+        dtype = self.family.stage_dtype(stage, self.dtype)
         moved = {}
         for t in spec.inputs:
             if t.name in inputs:
-                moved[t.name] = inputs[t.name].to(self.device, t.torch_dtype(self.dtype))
+                moved[t.name] = inputs[t.name].to(self.device, t.torch_dtype(dtype))
         return self.backend.engines[stage](**moved)
 
     def _lap(self, timings: dict[str, float], name: str, since: float) -> float:
