@@ -258,7 +258,8 @@ class Pipeline:
             if output_type == "latent":
                 images: Any = latents
             else:
-                vae_dtype = family.stage_dtype("vae_decoder", self.dtype)  # SDXL: float32 where fp16 overflows
+                # the VAE's own dtype (SDXL: float32 under fp16, where it overflows) before unscaling
+                vae_dtype = family.stage_dtype("vae_decoder", self.dtype)
                 latent = family.decoder_input(latents.to(vae_dtype), height, width)
                 decoded = self._run_stage("vae_decoder", {"latent": latent})["sample"]
                 array = (decoded / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()

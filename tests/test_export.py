@@ -158,7 +158,8 @@ def test_fp16_export_keeps_an_upcast_vae_in_float32(exported: dict[str, Exported
         graph = onnx.load(path, load_external_data=False).graph
         assert [elem[v.type.tensor_type.elem_type] for v in (*graph.input, *graph.output)] == [want, want]
         entry = read_manifest(out)["vae_decoder"]
-        assert entry["dtype"] == want and entry["inputs"][0]["dtype"] == {"fp32": "float32", "fp16": "float16"}[want]
+        assert entry["dtype"] == want
+        assert entry["inputs"][0]["dtype"] == {"fp32": "float32", "fp16": "float16"}[want]
 
 
 def _snapshot(folder: Path) -> dict[str, int]:

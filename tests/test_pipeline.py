@@ -133,7 +133,13 @@ def test_sd_other_schedulers_equal_diffusers(
 def test_sd_guidance_rescale_equals_diffusers(tiny_sd: Path, tmp_path: Path) -> None:
     """guidance_rescale (diffusers' rescale_noise_cfg) on the device, inside the graph-capturable step."""
     ours, theirs = _ours(tiny_sd, tmp_path), _theirs(StableDiffusionPipeline, tiny_sd)
-    request = {"prompt": "a red fox", "height": 64, "width": 64, "num_inference_steps": 3, "guidance_scale": 9.0}
+    request = {
+        "prompt": "a red fox",
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 3,
+        "guidance_scale": 9.0,
+    }
     a, b = _both(ours, theirs, **request, guidance_rescale=0.7)
     assert np.abs(a - b).max() <= TOLERANCE
     plain = ours(generator=torch.Generator().manual_seed(1234), output_type="np", **request).images

@@ -41,7 +41,9 @@ def _images(pipe, **kwargs) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def pipes(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pipeline, StableDiffusionXLPipeline]:
+def pipes(
+    tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Pipeline, StableDiffusionXLPipeline]:
     return _ours(tiny_sdxl, tmp_path_factory.mktemp("cache")), _theirs(tiny_sdxl)
 
 
@@ -92,7 +94,13 @@ def test_guidance_rescale(pipes) -> None:
 
 def test_micro_conditioning(pipes) -> None:
     """original_size, crops_coords_top_left, target_size and the negative sizes become the UNet's time_ids."""
-    request = {"prompt": "a fox", "negative_prompt": "a dog", "height": 64, "width": 64, "num_inference_steps": 3}
+    request = {
+        "prompt": "a fox",
+        "negative_prompt": "a dog",
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 3,
+    }
     sized = _assert_equal(
         pipes,
         **request,

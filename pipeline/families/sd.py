@@ -101,7 +101,11 @@ class StableDiffusionFamily(Family):
                 ),
                 *extra_inputs,
             ),
-            (TensorSpec("noise_pred", ("unet_batch", unet["out_channels"], "latent_height", "latent_width")),),
+            (
+                TensorSpec(
+                    "noise_pred", ("unet_batch", unet["out_channels"], "latent_height", "latent_width")
+                ),
+            ),
             forward,
         )
 

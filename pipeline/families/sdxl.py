@@ -214,11 +214,15 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     ) -> Tensors:
         device = text["encoder_hidden_states"].device
 
-        def time_ids(original: Sequence[int], crops: Sequence[int] | None, target: Sequence[int]) -> torch.Tensor:
+        def time_ids(
+            original: Sequence[int], crops: Sequence[int] | None, target: Sequence[int]
+        ) -> torch.Tensor:
             values = [*original, *(crops or (0, 0)), *target]
             return torch.tensor([values], dtype=torch.float32, device=device).repeat(batch, 1)
 
-        ids = time_ids(original_size or (height, width), crops_coords_top_left, target_size or (height, width))
+        ids = time_ids(
+            original_size or (height, width), crops_coords_top_left, target_size or (height, width)
+        )
         cond = {
             "encoder_hidden_states": text["encoder_hidden_states"],
             "text_embeds": text["text_embeds"],
@@ -233,7 +237,9 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         if negative_original_size is not None and negative_target_size is not None:
             neg_ids = time_ids(negative_original_size, negative_crops_coords_top_left, negative_target_size)
         return {
-            "encoder_hidden_states": torch.cat([text["negative_encoder_hidden_states"], cond["encoder_hidden_states"]]),
+            "encoder_hidden_states": torch.cat(
+                [text["negative_encoder_hidden_states"], cond["encoder_hidden_states"]]
+            ),
             "text_embeds": torch.cat([text["negative_text_embeds"], cond["text_embeds"]]),
             "time_ids": torch.cat([neg_ids, ids]),
         }
