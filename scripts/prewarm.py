@@ -1,7 +1,7 @@
 """Make a prewarmed runtime / compile cache to ship with the app (see caches/README.md).
 
     python scripts/prewarm.py MODEL --sizes 512x512,1024x1024 [--batch 1,2] [--backend auto|rtx|torch]
-                              [--steps N] [--device cuda] [--dtype float16] --out caches/
+                              [--steps N] [--device cuda] [--dtype float16] [--compile] --out caches/
 
 Runs every (batch, size) through the pipeline with a fresh cache folder, closes the pipeline (which saves
 its cache), copies the cache to OUT/<model-key>/<platform-key>/runtime.cache and adds its entry to
@@ -54,7 +54,7 @@ def parse_ints(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a diffusers folder, a hub id, or tiny-sd / tiny-flux")
+    p.add_argument("model", help="a diffusers folder, a hub id, or tiny-sd / tiny-flux / tiny-sdxl")
     p.add_argument("--sizes", type=parse_sizes, required=True, help="WIDTHxHEIGHT,... to cover")
     p.add_argument("--batch", type=parse_ints, default=[1], help="images per prompt to cover (default 1)")
     p.add_argument("--backend", default="auto", choices=["auto", "rtx", "torch"])
@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--prompt", default="a lighthouse on a cliff at dawn")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch backend: compile (default: the backend's, on for CUDA; a CPU cache needs --compile)",
+    )
     p.add_argument("--out", type=Path, default=Path("caches"), help="shipped caches folder (default caches/)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -69,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prewarm(args: argparse.Namespace) -> ShippedCache:
     with tempfile.TemporaryDirectory(prefix="prewarm-") as tmp:
+        options = {} if args.compile is None else {"compile": args.compile}
         pipe = Pipeline.from_pretrained(
-            args.model, backend=args.backend, device=args.device, dtype=args.dtype, cache_dir=tmp
+            args.model, backend=args.backend, device=args.device, dtype=args.dtype, cache_dir=tmp, **options
         )
         pipe.progress = False
         shapes = []
