@@ -1,7 +1,7 @@
 """Real-size architectures with random weights, for benchmarks and exports with no download.
 
 `make_architecture("flux-dev", folder)` writes a diffusers-format folder holding the real configs (FLUX.1-dev,
-FLUX.1-schnell, SD 1.5, SD 2.1), local tokenizers and the model's scheduler, but no weights: it carries a
+FLUX.1-schnell, SD 1.5, SD 2.1, SDXL base 1.0), local tokenizers and the model's scheduler, but no weights: it carries a
 `RANDOM_WEIGHTS` marker, and `ModelSource.load_component` builds each module from its config directly on
 the target device with a small random init (std 0.02) so activations stay finite in bf16/fp16.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .tiny import _write_clip_tokenizer, _write_t5_tokenizer, write_folder_atomically
+from .tiny import SDXL_SCHEDULER, _write_clip_tokenizer, _write_t5_tokenizer, write_folder_atomically
 
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
 
@@ -34,6 +34,17 @@ _OPENCLIP_H = {
     "num_attention_heads": 16,
     "max_position_embeddings": 77,
     "projection_dim": 512,
+    "hidden_act": "gelu",
+}
+# SDXL's second text encoder, OpenCLIP ViT-bigG/14's text tower (text_encoder_2/config.json of
+# stabilityai/stable-diffusion-xl-base-1.0, written from memory: 694.7M parameters with these values)
+_OPENCLIP_BIGG = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "projection_dim": 1280,
     "hidden_act": "gelu",
 }
 _T5_XXL = {
@@ -140,14 +151,53 @@ def _sd(version: int) -> dict[str, Any]:
     }
 
 
+def _sdxl() -> dict[str, Any]:
+    """stabilityai/stable-diffusion-xl-base-1.0 (configs written from memory, checked against diffusers'
+    conventions: the UNet's added-conditioning width 2816 = 6 time ids x 256 + the 1280-wide pooled projection,
+    cross-attention 2048 = CLIP-L 768 + bigG 1280; 2.567B UNet parameters with these values)."""
+    return {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_index": {"force_zeros_for_empty_prompt": True},
+        "unet": (
+            "UNet2DConditionModel",
+            {
+                "sample_size": 128,
+                "in_channels": 4,
+                "out_channels": 4,
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "block_out_channels": [320, 640, 1280],
+                "layers_per_block": 2,
+                "transformer_layers_per_block": [1, 2, 10],
+                "attention_head_dim": [5, 10, 20],
+                "cross_attention_dim": 2048,
+                "use_linear_projection": True,
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": 256,
+                "projection_class_embeddings_input_dim": 2816,
+                "norm_num_groups": 32,
+            },
+        ),
+        "vae": (
+            "AutoencoderKL",
+            dict(_VAE, latent_channels=4, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        ),
+        "text_encoder": ("CLIPTextModel", _CLIP_L),
+        "text_encoder_2": ("CLIPTextModelWithProjection", _OPENCLIP_BIGG),
+        "scheduler": ("EulerDiscreteScheduler", SDXL_SCHEDULER),
+    }
+
+
 ARCHITECTURES = {
     "flux-dev": lambda: _flux(guidance=True),
     "flux-schnell": lambda: _flux(guidance=False),
     "sd15": lambda: _sd(1),
     "sd21": lambda: _sd(2),
+    "sdxl": _sdxl,
 }
 
-_LIBRARY = {"CLIPTextModel": "transformers", "T5EncoderModel": "transformers"}
+_CLIP = ("CLIPTextModel", "CLIPTextModelWithProjection")
+_LIBRARY = {**dict.fromkeys(_CLIP, "transformers"), "T5EncoderModel": "transformers"}
 
 
 def make_architecture(name: str, folder: str | Path) -> Path:
@@ -157,17 +207,20 @@ def make_architecture(name: str, folder: str | Path) -> Path:
     spec = ARCHITECTURES[name]()
 
     def fill(tmp: Path) -> None:
-        index: dict[str, Any] = {"_class_name": spec.pop("_class_name")}
+        index: dict[str, Any] = {"_class_name": spec.pop("_class_name"), **spec.pop("_index", {})}
         clip_vocab = _write_clip_tokenizer(tmp / "tokenizer")
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-        if "text_encoder_2" in spec:
+        if "text_encoder_2" in spec and spec["text_encoder_2"][0] in _CLIP:  # SDXL: pads with "!"
+            _write_clip_tokenizer(tmp / "tokenizer_2", pad_token="!")
+            index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+        elif "text_encoder_2" in spec:
             _write_t5_tokenizer(tmp / "tokenizer_2", max_length=512)
             index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
         for component, (cls, config) in spec.items():
             library = _LIBRARY.get(cls, "diffusers")
             index[component] = [library, cls]
             config = dict(config)
-            if cls == "CLIPTextModel":  # our tokenizer's special ids; real vocab size
+            if cls in _CLIP:  # our tokenizer's special ids; real vocab size
                 config.update(
                     vocab_size=49408,
                     bos_token_id=clip_vocab - 2,
@@ -175,7 +228,7 @@ def make_architecture(name: str, folder: str | Path) -> Path:
                     pad_token_id=clip_vocab - 1,
                 )
             _write_config(tmp / component, library, cls, config)
-        if spec.get("unet"):
+        if spec.get("unet") and index["_class_name"] == "StableDiffusionPipeline":
             index.update(
                 requires_safety_checker=False, safety_checker=[None, None], feature_extractor=[None, None]
             )
@@ -191,7 +244,7 @@ def _write_config(folder: Path, library: str, cls: str, config: dict[str, Any]) 
 
     folder.mkdir(parents=True, exist_ok=True)
     if library == "transformers":
-        config_cls = transformers.CLIPTextConfig if cls == "CLIPTextModel" else transformers.T5Config
+        config_cls = transformers.CLIPTextConfig if cls in _CLIP else transformers.T5Config
         config_cls(**config).save_pretrained(folder)
     elif cls.endswith("Scheduler"):
         getattr(diffusers, cls)(**config).save_config(folder)

@@ -61,27 +61,32 @@ def seed_arg(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m pipeline", description="Text to image with FLUX.1 and Stable Diffusion.")
+    p = _Parser(
+        prog="python -m pipeline", description="Text to image with FLUX.1, Stable Diffusion and SDXL."
+    )
     p.add_argument("prompt", nargs="?", help="what to draw")
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"diffusers folder, Hugging Face hub id, or built-in tiny-flux / tiny-sd (random weights, noise); "
+        help=f"diffusers folder, Hugging Face hub id, or built-in tiny-flux / tiny-sd / tiny-sdxl (random weights, "
+        f"noise); "
         f"default {DEFAULT_MODEL}",
     )
     p.add_argument(
         "--height", type=int, help="pixels, a multiple of 16 (FLUX) or 8 (SD); default the model's"
     )
     p.add_argument("--width", type=int, help="pixels; default the model's")
-    p.add_argument("--steps", type=int, help="denoising steps (default: FLUX-dev 28, schnell 4, SD 50)")
-    p.add_argument("--guidance-scale", type=float, help="default: FLUX-dev 3.5, schnell 0, SD 7.5")
+    p.add_argument(
+        "--steps", type=int, help="denoising steps (default: FLUX-dev 28, schnell 4, SD 50, SDXL 50)"
+    )
+    p.add_argument("--guidance-scale", type=float, help="default: FLUX-dev 3.5, schnell 0, SD 7.5, SDXL 5")
     p.add_argument(
         "--seed",
         type=seed_arg,
         help="random seed in [0, 2**64) (default: a random one); image i uses seed + i, written into it",
     )
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (image i: seed + i)")
-    p.add_argument("--negative-prompt", help="what not to draw (Stable Diffusion)")
+    p.add_argument("--negative-prompt", help="what not to draw (Stable Diffusion, SDXL)")
     p.scheduler_action = p.add_argument(
         "--scheduler", metavar="NAME", help="a diffusers scheduler class name"
     )

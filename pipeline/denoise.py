@@ -42,6 +42,7 @@ class DenoiseState:
     timesteps: torch.Tensor  # (K,) in the denoiser's timestep dtype
     cond: Tensors  # static denoiser inputs (text embeddings, ids, guidance embedding input)
     guidance: torch.Tensor  # () float32: classifier-free guidance scale (used where the family guides)
+    guidance_rescale: torch.Tensor  # () float32: diffusers' guidance_rescale (0: none)
     index: torch.Tensor  # () int64: the step being run
 
     @classmethod
@@ -53,6 +54,7 @@ class DenoiseState:
         cond: Tensors,
         guidance_scale: float,
         dtype: torch.dtype,
+        guidance_rescale: float = 0.0,
     ) -> DenoiseState:
         device = x0.device
         k = schedule.num_evaluations
@@ -65,6 +67,7 @@ class DenoiseState:
             timesteps=family.timestep_values(schedule.timesteps, dtype).to(device),
             cond=cond,
             guidance=torch.tensor(guidance_scale, device=device, dtype=torch.float32),
+            guidance_rescale=torch.tensor(guidance_rescale, device=device, dtype=torch.float32),
             index=torch.zeros((), device=device, dtype=torch.int64),
         )
 
@@ -76,6 +79,7 @@ class DenoiseState:
             "out_coef": self.out_coef,
             "timesteps": self.timesteps,
             "guidance": self.guidance,
+            "guidance_rescale": self.guidance_rescale,
             "index": self.index,
         }
         return fixed | {f"cond.{name}": t for name, t in sorted(self.cond.items())}
@@ -89,6 +93,7 @@ class DenoiseState:
             timesteps=self.timesteps.clone(),
             cond={name: t.clone() for name, t in self.cond.items()},
             guidance=self.guidance.clone(),
+            guidance_rescale=self.guidance_rescale.clone(),
             index=torch.zeros_like(self.index),
         )
 
@@ -117,7 +122,7 @@ def make_step(
         k = state.index
         x = state.latents(state.in_coef.index_select(0, k)[0]).to(dtype)
         t = state.timesteps.index_select(0, k)
-        guided = guided_output(family, denoiser, x, t, state.cond, state.guidance)
+        guided = guided_output(family, denoiser, x, t, state.cond, state.guidance, state.guidance_rescale)
         state.history.index_copy_(0, k + 1, guided.unsqueeze(0).to(torch.float32))
         state.index.add_(1)
 
@@ -135,10 +140,12 @@ def guided_output(
     t: torch.Tensor,
     cond: Tensors,
     guidance: torch.Tensor,
+    guidance_rescale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The model output the scheduler sees: the denoiser at (x, t), then the family's guidance."""
+    """The model output the scheduler sees: the denoiser at (x, t), then the family's guidance (and
+    diffusers' guidance_rescale where given)."""
     out = denoiser(**family.denoiser_inputs(x, t, cond))["noise_pred"]
-    return family.guide(out, guidance, x.shape[0])
+    return family.guide(out, guidance, x.shape[0], guidance_rescale)
 
 
 def denoise_with_tables(
@@ -150,9 +157,10 @@ def denoise_with_tables(
     guidance_scale: float,
     dtype: torch.dtype,
     on_step: Callable[[], None],
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Final latents of a linear scheduler's run: its tables over static buffers, one step replayed K times."""
-    state = DenoiseState.create(family, schedule, x0, cond, guidance_scale, dtype)
+    state = DenoiseState.create(family, schedule, x0, cond, guidance_scale, dtype, guidance_rescale)
     denoiser = backend.engines[family.denoiser]
     state = backend.denoise(state, lambda s: make_step(family, denoiser, s, dtype), on_step)
     return final_latents(state, dtype)
@@ -183,14 +191,21 @@ def guided_denoiser(
     family: Family, denoiser: Callable[..., Tensors], dtype: torch.dtype
 ) -> Callable[[Tensors], Tensors]:
     """The scheduler loop's denoiser call as a function of named tensors (what a CUDA graph captures):
-    {"sample", "timestep", "guidance_scale", "cond.<input>"...} -> {"noise_pred": the guided output}."""
+    {"sample", "timestep", "guidance_scale", "guidance_rescale", "cond.<input>"...} -> {"noise_pred": the guided
+    output}."""
 
     def call(inputs: Tensors) -> Tensors:
         cond = {name[5:]: t for name, t in inputs.items() if name.startswith("cond.")}
         x = inputs["sample"].to(dtype)
         return {
             "noise_pred": guided_output(
-                family, denoiser, x, inputs["timestep"], cond, inputs["guidance_scale"]
+                family,
+                denoiser,
+                x,
+                inputs["timestep"],
+                cond,
+                inputs["guidance_scale"],
+                inputs["guidance_rescale"],
             )
         }
 
@@ -207,6 +222,7 @@ def denoise_with_scheduler(
     dtype: torch.dtype,
     generator: Generators,
     on_step: Callable[[], None],
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Final latents of a run of the scheduler's own step, the denoiser call graph-captured by the backend."""
     denoiser = backend.engines[family.denoiser]
@@ -214,6 +230,7 @@ def denoise_with_scheduler(
     timesteps = family.timestep_values(plan.scheduler.timesteps, dtype).to(x0.device)
     fixed = {f"cond.{name}": t for name, t in cond.items()}
     fixed["guidance_scale"] = torch.tensor(guidance_scale, device=x0.device, dtype=torch.float32)
+    fixed["guidance_rescale"] = torch.tensor(guidance_rescale, device=x0.device, dtype=torch.float32)
 
     def model(x: torch.Tensor, k: int) -> torch.Tensor:
         return call({"sample": x, "timestep": timesteps[k], **fixed})["noise_pred"]

@@ -1,8 +1,8 @@
 """`Pipeline`: prompt -> text encoders -> denoising loop -> VAE decoder -> images, through engines.
 
-Read `__call__` top to bottom: it is the whole algorithm. Family-specific math (FLUX vs Stable Diffusion)
-lives in pipeline/families/, the choice of scheduler in schedulers.py, how a run of it is planned (tables or
-its own step) in schedule.py, the two loops in denoise.py, and how each stage runs (TensorRT-RTX or torch) in
+Read `__call__` top to bottom: it is the whole algorithm. Family-specific math (FLUX, SD, SDXL) lives in
+pipeline/families/, the choice of scheduler in schedulers.py, how a run of it is planned (tables or its own
+step) in schedule.py, the two loops in denoise.py, and how each stage runs (TensorRT-RTX or torch) in
 pipeline/engines/.
 """
 
@@ -160,7 +160,7 @@ class Pipeline:
         torch_dtype: str | torch.dtype | None = None,
         **backend_options: Any,
     ) -> Pipeline:
-        """Load `model` (a diffusers folder, a hub id, or 'tiny-flux' / 'tiny-sd') onto `backend`.
+        """Load `model` (a diffusers folder, a hub id, or 'tiny-flux' / 'tiny-sd' / 'tiny-sdxl') onto `backend`.
 
         backend: "auto" (rtx where TensorRT-RTX runs, else torch), "rtx" or "torch".
         dtype (or `torch_dtype`, as diffusers spells it): the weights' dtype, "fp32" | "fp16" | "bf16" or a
@@ -243,6 +243,15 @@ class Pipeline:
         output_type: str = "pil",
         max_sequence_length: int = 512,
         callback_on_step_end: Callable[[Pipeline, int, Any, dict[str, Any]], dict[str, Any]] | None = None,
+        guidance_rescale: float | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> PipelineOutput:
         """Generate images for `prompt` (a string or a list), with diffusers' argument names and defaults
         taken from the model (size, steps, guidance). `seed` is used when no `generator` is given; a list of
@@ -250,10 +259,27 @@ class Pipeline:
 
         `callback_on_step_end(pipe, step_index, timestep, {})` runs after each denoising step, as in diffusers
         (`pipe.num_timesteps` says how many there are; no tensor inputs are offered and what it returns is
-        ignored). It adds no host sync: on CUDA it runs when the step has been queued, not finished."""
+        ignored). It adds no host sync: on CUDA it runs when the step has been queued, not finished.
+
+        The arguments after `callback_on_step_end` are those of some families only (SDXL: all of them; SD:
+        guidance_rescale); None means diffusers' default. Giving one the model's family does not use is an
+        error."""
         with self._on_stream() as caller:
             family = self.family
             prompts, negatives = self._check_prompts(prompt, negative_prompt)
+            given = {
+                "guidance_rescale": guidance_rescale,
+                "prompt_2": prompt_2,
+                "negative_prompt_2": negative_prompt_2,
+                "original_size": original_size,
+                "crops_coords_top_left": crops_coords_top_left,
+                "target_size": target_size,
+                "negative_original_size": negative_original_size,
+                "negative_crops_coords_top_left": negative_crops_coords_top_left,
+                "negative_target_size": negative_target_size,
+            }
+            options = {name: value for name, value in given.items() if value is not None}
+            family.check_options(options)
             height, width, steps, guidance = family.request_defaults(
                 height, width, num_inference_steps, guidance_scale
             )
@@ -282,6 +308,7 @@ class Pipeline:
                 guidance,
                 num_images_per_prompt,
                 max_sequence_length=max_sequence_length,
+                **options,
             )
             clock = self._lap(timings, "text_encoders", clock)
 
@@ -305,7 +332,8 @@ class Pipeline:
                 begin_index=family.schedule_begin_index,
                 **family.schedule_kwargs(height, width, steps),
             )
-            cond = family.denoiser_conditioning(text, height, width, batch, guidance)
+            cond = family.denoiser_conditioning(text, height, width, batch, guidance, **options)
+            rescale = float(options.get("guidance_rescale", 0.0))
             self._num_timesteps = plan.num_evaluations
             timesteps = plan.timesteps if isinstance(plan, Schedule) else plan.scheduler.timesteps
             with tqdm(
@@ -314,11 +342,20 @@ class Pipeline:
                 on_step = self._on_step(bar.update, timesteps, callback_on_step_end)
                 if isinstance(plan, Schedule):
                     latents = denoise_with_tables(
-                        self.backend, family, plan, x0, cond, guidance, self.dtype, on_step
+                        self.backend, family, plan, x0, cond, guidance, self.dtype, on_step, rescale
                     )
                 else:
                     latents = denoise_with_scheduler(
-                        self.backend, family, plan, x0, cond, guidance, self.dtype, generator, on_step
+                        self.backend,
+                        family,
+                        plan,
+                        x0,
+                        cond,
+                        guidance,
+                        self.dtype,
+                        generator,
+                        on_step,
+                        rescale,
                     )
             clock = self._lap(timings, "denoise", clock)
 
@@ -328,7 +365,9 @@ class Pipeline:
                 if caller is not None:  # it will be used, and freed, on the caller's stream
                     images.record_stream(caller)
             else:
-                latent = family.decoder_input(latents, height, width).to(self.dtype)
+                # the VAE's own dtype (SDXL: float32 under fp16, where it overflows) before unscaling
+                vae_dtype = family.stage_dtype("vae_decoder", self.dtype)
+                latent = family.decoder_input(latents.to(vae_dtype), height, width)
                 decoded = self._run_stage("vae_decoder", {"latent": latent})["sample"]
                 array = (decoded / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
                 images = array if output_type == "np" else _to_pil(array)
@@ -386,10 +425,11 @@ class Pipeline:
 
     def _run_stage(self, stage: str, inputs: Tensors) -> Tensors:
         spec = self.family.stages[stage]
+        dtype = self.family.stage_dtype(stage, self.dtype)
         moved = {}
         for t in spec.inputs:
             if t.name in inputs:
-                moved[t.name] = inputs[t.name].to(self.device, t.torch_dtype(self.dtype))
+                moved[t.name] = inputs[t.name].to(self.device, t.torch_dtype(dtype))
         return self.backend.engines[stage](**moved)
 
     def _lap(self, timings: dict[str, float], name: str, since: float) -> float:

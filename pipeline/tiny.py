@@ -1,4 +1,4 @@
-"""Small random-weight FLUX and Stable Diffusion models in diffusers format, made offline.
+"""Small random-weight FLUX, Stable Diffusion and SDXL models in diffusers format, made offline.
 
 They have the real architectures (same classes, same configs keys, same scheduler) at toy sizes, and
 tokenizers built locally from a byte-level vocabulary, so the whole product runs on a CPU with no network.
@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CLIP_LENGTH = 77
-TINY_MODELS = ("tiny-flux", "tiny-sd")  # built-in names, made offline on first use
+TINY_MODELS = ("tiny-flux", "tiny-sd", "tiny-sdxl")  # built-in names, made offline on first use
 
 
 def _byte_vocab() -> list[str]:
@@ -37,8 +37,10 @@ def _byte_vocab() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def _write_clip_tokenizer(folder: Path) -> int:
-    """A CLIP BPE tokenizer over single bytes plus a few merges; returns its vocabulary size."""
+def _write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> int:
+    """A CLIP BPE tokenizer over single bytes plus a few merges; returns its vocabulary size.
+
+    SDXL's second tokenizer pads with "!" instead of the end-of-text token: `pad_token` says which."""
     from transformers import CLIPTokenizer
 
     chars = _byte_vocab()
@@ -54,14 +56,20 @@ def _write_clip_tokenizer(folder: Path) -> int:
     vocab["<|endoftext|>"] = len(vocab)
     try:  # transformers >= 5 takes the vocabulary and merges as values
         tok = CLIPTokenizer(
-            vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=CLIP_LENGTH
+            vocab=vocab,
+            merges=[tuple(m.split()) for m in merges],
+            model_max_length=CLIP_LENGTH,
+            pad_token=pad_token,
         )
     except TypeError:  # transformers 4 reads them from files
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
             (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
             tok = CLIPTokenizer(
-                str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=CLIP_LENGTH
+                str(Path(tmp) / "vocab.json"),
+                str(Path(tmp) / "merges.txt"),
+                model_max_length=CLIP_LENGTH,
+                pad_token=pad_token,
             )
     tok.save_pretrained(folder)
     return len(vocab)
@@ -94,22 +102,25 @@ def _write_t5_tokenizer(folder: Path, max_length: int) -> int:
     return len(pieces)
 
 
-def _clip_text_model(vocab_size: int, projection: bool = False) -> torch.nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip_text_model(
+    vocab_size: int, projection: bool = False, hidden_size: int = 32, projection_dim: int = 32
+) -> torch.nn.Module:
+    """CLIPTextModel, or CLIPTextModelWithProjection (`projection`: SDXL's second encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=CLIP_LENGTH,
-        projection_dim=32,
+        projection_dim=projection_dim,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
     )
-    return CLIPTextModel(config)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def _write_model_index(folder: Path, index: dict) -> None:
@@ -252,13 +263,79 @@ def _make_sd(folder: Path) -> None:
     )
 
 
+def _make_sdxl(folder: Path) -> None:
+    """SDXL base at toy size: the real classes and config keys, three UNet levels as SDXL has (plain, then
+    cross-attention with 1 and 2 transformer layers), encoders of different widths so a mix-up of the
+    feature axes cannot go unnoticed (hidden 32 + 48 = cross-attention 80; pooled projection 40)."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    clip_vocab = _write_clip_tokenizer(folder / "tokenizer")
+    _write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")
+    _save(_clip_text_model(clip_vocab), folder / "text_encoder")
+    _save(
+        _clip_text_model(clip_vocab, projection=True, hidden_size=48, projection_dim=40),
+        folder / "text_encoder_2",
+    )
+    _save(
+        UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 1, 2),
+            norm_num_groups=4,
+            cross_attention_dim=80,
+            attention_head_dim=(2, 4, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=8 * 6 + 40,
+        ),
+        folder / "unet",
+    )
+    _save(_tiny_vae(scaling_factor=0.13025, force_upcast=True), folder / "vae")
+    EulerDiscreteScheduler(**SDXL_SCHEDULER).save_pretrained(folder / "scheduler")
+    _write_model_index(
+        folder,
+        {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": _diffusers_version(),
+            "force_zeros_for_empty_prompt": True,
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+    )
+
+
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (the keys EulerDiscreteScheduler takes)
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+
+
 def _diffusers_version() -> str:
     import diffusers
 
     return diffusers.__version__
 
 
-_MAKERS = {"tiny-flux": _make_flux, "tiny-sd": _make_sd}
+_MAKERS = {"tiny-flux": _make_flux, "tiny-sd": _make_sd, "tiny-sdxl": _make_sdxl}
 
 
 def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) -> Path:
@@ -288,7 +365,7 @@ def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) ->
 
 
 def make_tiny_model(name: str, folder: str | Path, seed: int = 0) -> Path:
-    """Write the built-in random-weight model `name` ('tiny-flux' or 'tiny-sd') to `folder`, atomically."""
+    """Write the built-in random-weight model `name` (tiny-flux, tiny-sd, tiny-sdxl) to `folder`, atomically."""
     if name not in _MAKERS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(_MAKERS)}")
 

@@ -5,12 +5,12 @@
                             [--precision fp8] [--new-size WxH] [--no-diffusers] [--configs NAME ...]
                             [--cache-dir DIR] --json OUT.json --plot OUT.png
 
-MODEL is a diffusers folder, a built-in tiny model (tiny-flux, tiny-sd) or a named real-size architecture
-built with random weights and no download (flux-dev, flux-schnell, sd15, sd21). Every configuration serves
+MODEL is a diffusers folder, a built-in tiny model (tiny-flux, tiny-sd, tiny-sdxl) or a named real-size
+architecture built with random weights and no download (flux-dev, flux-schnell, sd15, sd21, sdxl). Every configuration serves
 the same request (prompt, size, steps, guidance, seed) on the same weights:
 
   eager               our pipeline with nothing compiled and no CUDA graphs
-  diffusers_eager     diffusers' FluxPipeline / StableDiffusionPipeline built from the modules `eager` loaded
+  diffusers_eager     diffusers' FluxPipeline / StableDiffusion(XL)Pipeline built from the modules `eager` loaded
   diffusers_compiled  the same after diffusers' regional torch.compile (compile_repeated_blocks);
                       left out on CPU unless --configs names it
   adaptive            compile with the backend's default specialization (torch: generic dynamic-shape kernels),
@@ -418,14 +418,22 @@ def measure_ours(setup: Setup, name: str, reference: np.ndarray | None) -> Confi
 
 def build_diffusers_pipeline(pipe: Pipeline) -> Any:
     """diffusers' own pipeline class around the modules `pipe` already loaded (no second load): tokenizers
-    and a copy of the scheduler from the model folder, no safety checker."""
+    and a copy of the scheduler from the model folder, the pipeline options of its model_index.json
+    (SDXL: force_zeros_for_empty_prompt), no safety checker, no watermark (ours adds none).
+
+    A module ours runs in another dtype than the pipeline's (SDXL's VAE, upcast to float32 under fp16) is
+    given to diffusers as a copy in the pipeline's dtype: diffusers upcasts it itself, per call, as it does."""
     import diffusers
 
     pipeline_cls = getattr(diffusers, pipe.source.pipeline_class)
     modules: dict[str, torch.nn.Module] = {}
     for engine in pipe.backend.engines.values():
-        modules[engine.stage.component] = engine.module  # type: ignore[attr-defined]
+        component, module = engine.stage.component, engine.module  # type: ignore[attr-defined]
+        if pipe.family.component_dtype(component, pipe.dtype) != pipe.dtype:
+            module = copy.deepcopy(module).to(pipe.dtype)
+        modules[component] = module
     parameters = inspect.signature(pipeline_cls.__init__).parameters
+    index = pipe.source.model_index
     components: dict[str, Any] = {}
     for name in parameters:
         if name in modules:
@@ -436,8 +444,12 @@ def build_diffusers_pipeline(pipe: Pipeline) -> Any:
             components[name] = copy.deepcopy(pipe.source.scheduler)
         elif name in ("safety_checker", "feature_extractor", "image_encoder"):
             components[name] = None
+        elif name in index and not isinstance(index[name], list):
+            components[name] = index[name]
     if "requires_safety_checker" in parameters:
         components["requires_safety_checker"] = False
+    if "add_watermarker" in parameters:
+        components["add_watermarker"] = False
     dpipe = pipeline_cls(**components)
     dpipe.set_progress_bar_config(disable=True)
     return dpipe
@@ -895,7 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument(
-        "--model", required=True, help="folder, tiny-flux / tiny-sd, or flux-dev / flux-schnell / sd15 / sd21"
+        "--model",
+        required=True,
+        help="folder, tiny-flux / tiny-sd / tiny-sdxl, or flux-dev / flux-schnell / sd15 / sd21 / sdxl",
     )
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "rtx"))
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")

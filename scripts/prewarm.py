@@ -1,7 +1,7 @@
 """Make a prewarmed runtime / compile cache to ship with the app (see caches/README.md).
 
     python scripts/prewarm.py MODEL --sizes 512x512,1024x1024 [--batch 1,2] [--backend auto|rtx|torch]
-                              [--steps N] [--device cuda] [--dtype float16] --out caches/
+                              [--steps N] [--device cuda] [--dtype float16] [--compile] --out caches/
 
 Runs every (batch, size) through the pipeline with a fresh cache folder, closes the pipeline (which saves
 its cache), copies the cache to OUT/<model-key>/<platform-key>/runtime.cache and adds its entry to
@@ -52,7 +52,7 @@ def parse_ints(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a diffusers folder, a hub id, or tiny-sd / tiny-flux")
+    p.add_argument("model", help="a diffusers folder, a hub id, or tiny-sd / tiny-flux / tiny-sdxl")
     p.add_argument("--sizes", type=parse_sizes, required=True, help="WIDTHxHEIGHT,... to cover")
     p.add_argument("--batch", type=parse_ints, default=[1], help="images per prompt to cover (default 1)")
     p.add_argument("--backend", default="auto", choices=["auto", "rtx", "torch"])

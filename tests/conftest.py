@@ -49,15 +49,21 @@ def tiny_range(family: Family) -> ShapeRange:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the built-in tiny Stable Diffusion XL model (diffusers format, random weights)."""
+    return make_tiny_model("tiny-sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_engines(
-    tmp_path_factory: pytest.TempPathFactory, tiny_flux: Path, tiny_sd: Path
+    tmp_path_factory: pytest.TempPathFactory, tiny_flux: Path, tiny_sd: Path, tiny_sdxl: Path
 ) -> dict[str, dict[str, Any]]:
-    """Every stage of both tiny families, exported to ONNX once and built once for the portable targets."""
+    """Every stage of the tiny families, exported to ONNX once and built once for the portable targets."""
     from pipeline.export import export_model
     from pipeline.export.engines import build_engines
 
     out = {}
-    for name, folder in (("flux", tiny_flux), ("sd", tiny_sd)):
+    for name, folder in (("flux", tiny_flux), ("sd", tiny_sd), ("sdxl", tiny_sdxl)):
         root = tmp_path_factory.mktemp(f"rtx-{name}")
         source = read_model(folder)
         family = family_for(source)

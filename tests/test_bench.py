@@ -29,7 +29,14 @@ def positive_finite(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", pytest.param("tiny-flux", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "tiny-sd",
+        pytest.param("tiny-flux", marks=pytest.mark.slow),
+        pytest.param("tiny-sdxl", marks=pytest.mark.slow),
+    ],
+)
 def test_bench_measures_every_section(model: str, tmp_path: Path) -> None:
     proc, out_json, out_png = run_bench(model, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

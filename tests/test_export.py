@@ -1,4 +1,4 @@
-"""ONNX export: every stage of both tiny families matches its torch module in onnxruntime at several shapes;
+"""ONNX export: every stage of the tiny families matches its torch module in onnxruntime at several shapes;
 re-runs skip, --force re-exports, an interrupted export leaves nothing a later run trusts, bad input exits 2."""
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ STAGES = [
     ("sd", "text_encoder"),
     ("sd", "unet"),
     ("sd", "vae_decoder"),
+    ("sdxl", "text_encoder"),
+    ("sdxl", "text_encoder_2"),
+    ("sdxl", "unet"),
+    ("sdxl", "vae_decoder"),
 ]
 
 
@@ -49,11 +53,14 @@ def _export(folder: Path, out: Path) -> Exported:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_flux: Path, tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
-    """Every stage of both tiny families, exported once for the whole module (fp32)."""
+def exported(
+    tiny_flux: Path, tiny_sd: Path, tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Exported]:
+    """Every stage of the tiny families, exported once for the whole module (fp32)."""
     return {
         "flux": _export(tiny_flux, tmp_path_factory.mktemp("onnx-flux")),
         "sd": _export(tiny_sd, tmp_path_factory.mktemp("onnx-sd")),
+        "sdxl": _export(tiny_sdxl, tmp_path_factory.mktemp("onnx-sdxl")),
     }
 
 
@@ -141,6 +148,20 @@ def test_weights_over_the_threshold_go_to_external_data(
     _assert_matches_torch(ex, "vae_decoder", path)
 
 
+def test_fp16_export_keeps_an_upcast_vae_in_float32(exported: dict[str, Exported], tmp_path: Path) -> None:
+    """The family decides a stage's dtype (SDXL's VAE: float32 under fp16, its config says force_upcast);
+    an SD VAE follows the requested dtype."""
+    elem = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}
+    for name, want in (("sdxl", "fp32"), ("sd", "fp16")):
+        out = tmp_path / name
+        path = export_stage(exported[name].source, "vae_decoder", out, dtype=torch.float16)
+        graph = onnx.load(path, load_external_data=False).graph
+        assert [elem[v.type.tensor_type.elem_type] for v in (*graph.input, *graph.output)] == [want, want]
+        entry = read_manifest(out)["vae_decoder"]
+        assert entry["dtype"] == want
+        assert entry["inputs"][0]["dtype"] == {"fp32": "float32", "fp16": "float16"}[want]
+
+
 def _snapshot(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
@@ -207,7 +228,7 @@ def test_cli_exports_and_skips(exported: dict[str, Exported], capsys: pytest.Cap
 
 def _unsupported_model(folder: Path) -> Path:
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
     return folder
 
 
@@ -236,7 +257,7 @@ def test_cli_bad_input_is_one_line_exit_2(
     elif case == "bad-size":
         extra = ["--engines", "--min-size", "500x500"]  # not a multiple of 8
     elif case == "unsupported-family":
-        model = str(_unsupported_model(tmp_path / "sdxl"))
+        model = str(_unsupported_model(tmp_path / "kandinsky"))
     elif case == "unwritable-out":
         (tmp_path / "file").write_text("not a folder")
         out = tmp_path / "file" / "out"

@@ -8,7 +8,7 @@ from pipeline.families import ShapeRange, family_for
 from pipeline.loading import read_model
 
 
-@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sd"])
+@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sd", "tiny_sdxl"])
 def test_tensor_names_are_unique_per_stage(model: str, request: pytest.FixtureRequest) -> None:
     """ONNX and TensorRT need every tensor name in a graph to be unique (inputs and outputs together)."""
     family = family_for(read_model(request.getfixturevalue(model)))
@@ -17,7 +17,7 @@ def test_tensor_names_are_unique_per_stage(model: str, request: pytest.FixtureRe
         assert len(names) == len(set(names)), stage.name
 
 
-@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sd"])
+@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sd", "tiny_sdxl"])
 def test_profiles_cover_the_dims_of_requests_in_range(model: str, request: pytest.FixtureRequest) -> None:
     family = family_for(read_model(request.getfixturevalue(model)))
     g = family.granularity
@@ -33,7 +33,7 @@ def test_profiles_cover_the_dims_of_requests_in_range(model: str, request: pytes
             assert value in ranges[name], name
 
 
-@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sd"])
+@pytest.mark.parametrize("model", ["tiny_flux", "tiny_sd", "tiny_sdxl"])
 def test_every_stage_returns_the_outputs_its_spec_declares(
     model: str, request: pytest.FixtureRequest
 ) -> None:

@@ -40,7 +40,7 @@ def built(tiny_engines: dict[str, dict]) -> dict[str, dict]:
     return tiny_engines
 
 
-@pytest.mark.parametrize("family_name", ["flux", "sd"])
+@pytest.mark.parametrize("family_name", ["flux", "sd", "sdxl"])
 def test_every_stage_builds_for_portable_targets(built: dict[str, dict], family_name: str) -> None:
     family, engines = built[family_name]["family"], built[family_name]["engines"]
     assert set(engines) == set(family.stages)

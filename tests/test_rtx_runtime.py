@@ -54,7 +54,8 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.mark.parametrize(
     ("family_name", "stage"),
     [("flux", s) for s in ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")]
-    + [("sd", s) for s in ("text_encoder", "unet", "vae_decoder")],
+    + [("sd", s) for s in ("text_encoder", "unet", "vae_decoder")]
+    + [("sdxl", s) for s in ("text_encoder", "text_encoder_2", "unet", "vae_decoder")],
 )
 def test_engine_matches_torch(engines: dict[str, dict], family_name: str, stage: str, tmp_path: Path) -> None:
     e = engines[family_name]

@@ -156,3 +156,18 @@ def test_own_step_loop_with_cuda_graphs_equals_eager(tiny_sd: Path, tmp_path: Pa
     assert pipe.backend._graphed_calls["guided_denoiser"].graphs  # the denoiser call really was replayed
     assert np.abs(graphed - eager).max() < 1e-3
     assert np.array_equal(graphed, again)
+
+
+@pytest.mark.slow
+def test_compiled_sdxl_equals_eager(tiny_sdxl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regional compile of the SDXL UNet (added conditioning inputs) and the guidance-rescaled step."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    kwargs = {"backend": "torch", "device": "cpu", "dtype": torch.float32, "cache_dir": tmp_path}
+    request = {**KW, "negative_prompt": "a dog", "guidance_rescale": 0.7}
+    images = []
+    for options in ({}, {"compile": True}):
+        pipe = Pipeline.from_pretrained(tiny_sdxl, **kwargs, **options)
+        pipe.progress = False
+        images.append(pipe("a cat", generator=torch.Generator().manual_seed(0), **request).images)
+    assert pipe.backend.hooks and pipe.backend.stats.regions.compiled
+    np.testing.assert_allclose(images[1], images[0], atol=1e-4)

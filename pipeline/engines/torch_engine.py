@@ -189,7 +189,8 @@ class TorchBackend(Backend):
         modules: dict[str, torch.nn.Module] = {}
         for stage in family.stages.values():
             if stage.component not in modules:
-                modules[stage.component] = source.load_component(stage.component, dtype, device)
+                component_dtype = family.component_dtype(stage.component, dtype)  # SDXL: fp32 VAE under fp16
+                modules[stage.component] = source.load_component(stage.component, component_dtype, device)
         self.modules = modules
         denoiser = modules[family.stages[family.denoiser].component]
         if hasattr(denoiser, "fuse_qkv_projections"):

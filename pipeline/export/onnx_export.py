@@ -365,6 +365,7 @@ def _export_stage(
     device: torch.device | str,
 ) -> Path:
     spec = family.stages[stage]
+    dtype = family.stage_dtype(stage, dtype)  # the stage's own dtype (SDXL: an fp32 VAE in an fp16 export)
     identity = _identity(source, spec, dtype, opset)
     entry = read_manifest(out_dir).get(stage)
     if entry is not None and not force:

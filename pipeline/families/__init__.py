@@ -7,8 +7,9 @@ from ..loading import ModelSource
 from .base import DimRange, Family, ShapeRange, StageSpec, TensorSpec
 from .flux import FluxFamily
 from .sd import StableDiffusionFamily
+from .sdxl import StableDiffusionXLFamily
 
-FAMILIES: tuple[type[Family], ...] = (FluxFamily, StableDiffusionFamily)
+FAMILIES: tuple[type[Family], ...] = (FluxFamily, StableDiffusionFamily, StableDiffusionXLFamily)
 
 __all__ = [
     "FAMILIES",
@@ -17,6 +18,7 @@ __all__ = [
     "FluxFamily",
     "ShapeRange",
     "StableDiffusionFamily",
+    "StableDiffusionXLFamily",
     "StageSpec",
     "TensorSpec",
     "family_for",

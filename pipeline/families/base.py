@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..errors import InvalidInputError
+
 if TYPE_CHECKING:
     from ..loading import ModelSource
 
@@ -159,6 +161,26 @@ def vae_decoder_stage(vae_config: Mapping[str, Any]) -> StageSpec:
     )
 
 
+def classifier_free_guidance(
+    output: torch.Tensor, guidance_scale: torch.Tensor, guidance_rescale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """diffusers' classifier-free guidance over a [uncond, cond] batch, then its `rescale_noise_cfg`
+    (Lin et al. 2023, section 3.4) by `guidance_rescale` where that is > 0.
+
+    Both factors are device tensors and the choice is a `torch.where`, not a branch: no host sync, so the
+    step stays capturable in a CUDA graph whatever the factors are.
+    """
+    uncond, cond = output.chunk(2)
+    guided = uncond + guidance_scale * (cond - uncond)
+    if guidance_rescale is None:
+        return guided
+    dims = list(range(1, guided.ndim))
+    std_text = cond.std(dim=dims, keepdim=True)
+    std_cfg = guided.std(dim=dims, keepdim=True)
+    rescaled = guidance_rescale * (guided * (std_text / std_cfg)) + (1 - guidance_rescale) * guided
+    return torch.where(guidance_rescale > 0, rescaled, guided)
+
+
 class Family(ABC):
     """A model family: its stages plus the math diffusers' own pipeline does around them.
 
@@ -178,6 +200,9 @@ class Family(ABC):
     distilled_guidance: ClassVar[bool] = False
     # the most text tokens `max_sequence_length` may ask for (None: the family has no such argument)
     max_text_tokens: ClassVar[int | None] = None
+    # `Pipeline.__call__` arguments beyond the common ones that this family honours (diffusers' names). The
+    # pipeline passes them to `encode_prompt` and `denoiser_conditioning`, and refuses the others.
+    call_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source
@@ -242,6 +267,28 @@ class Family(ABC):
     def dim_ranges(self, shape_range: ShapeRange) -> dict[str, DimRange]:
         """Ranges of every dynamic dim for a requested range."""
 
+    # ---- dtypes -----------------------------------------------------------------------------------------
+    def component_dtype(self, component: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of a component's weights and of its stage's "model" tensors when the pipeline runs in
+        `dtype`. The one place that decides: the torch backend loads with it, the export traces with it, the
+        pipeline casts stage inputs to it. Most families run every component in `dtype`."""
+        return dtype
+
+    def stage_dtype(self, stage: str, dtype: torch.dtype) -> torch.dtype:
+        return self.component_dtype(self.stages[stage].component, dtype)
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse call options this family does not honour (given = not None) and bad values."""
+        unknown = sorted(set(options) - self.call_options)
+        if unknown:
+            raise InvalidInputError(
+                f"{', '.join(unknown)}: not used by {self.name} models"
+                + (f" (they take {', '.join(sorted(self.call_options))})" if self.call_options else "")
+            )
+        rescale = options.get("guidance_rescale")
+        if rescale is not None and not (isinstance(rescale, int | float) and 0.0 <= rescale <= 1.0):
+            raise InvalidInputError(f"guidance_rescale must be a number from 0 to 1, got {rescale!r}")
+
     def profile(self, stage: str, shape_range: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
         return self.stages[stage].profile(self.dim_ranges(shape_range))
 
@@ -277,18 +324,26 @@ class Family(ABC):
 
     @abstractmethod
     def denoiser_conditioning(
-        self, text: Tensors, height: int, width: int, batch: int, guidance_scale: float
+        self, text: Tensors, height: int, width: int, batch: int, guidance_scale: float, **kwargs: Any
     ) -> Tensors:
-        """Every denoiser input that stays the same through the loop (text, ids, guidance)."""
+        """Every denoiser input that stays the same through the loop (text, ids, guidance). `kwargs` are
+        the call options (`call_options`) the request gave."""
 
     @abstractmethod
     def denoiser_inputs(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Tensors) -> Tensors:
         """Inputs of the denoiser stage for one step; no host sync, no data-dependent branching."""
 
     @abstractmethod
-    def guide(self, output: torch.Tensor, guidance_scale: torch.Tensor, batch: int) -> torch.Tensor:
+    def guide(
+        self,
+        output: torch.Tensor,
+        guidance_scale: torch.Tensor,
+        batch: int,
+        guidance_rescale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Denoiser output -> the model output the scheduler sees (classifier-free guidance where the
-        denoiser ran on 2 x batch: [uncond, cond]). `guidance_scale` is a device tensor."""
+        denoiser ran on 2 x batch: [uncond, cond]). `guidance_scale` and `guidance_rescale` are device
+        tensors; no host sync."""
 
     @abstractmethod
     def timestep_values(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

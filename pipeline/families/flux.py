@@ -192,7 +192,7 @@ class FluxFamily(Family):
         return {"sigmas": sigmas, "mu": mu}
 
     def denoiser_conditioning(
-        self, text: Tensors, height: int, width: int, batch: int, guidance_scale: float
+        self, text: Tensors, height: int, width: int, batch: int, guidance_scale: float, **kwargs: Any
     ) -> Tensors:
         embeds = text["encoder_hidden_states"]
         cond = dict(text, img_ids=self.image_ids(height, width, embeds.device, embeds.dtype))
@@ -203,8 +203,14 @@ class FluxFamily(Family):
     def denoiser_inputs(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Tensors) -> Tensors:
         return dict(cond, hidden_states=latents, timestep=timestep.expand(latents.shape[0]))
 
-    def guide(self, output: torch.Tensor, guidance_scale: torch.Tensor, batch: int) -> torch.Tensor:
-        return output
+    def guide(
+        self,
+        output: torch.Tensor,
+        guidance_scale: torch.Tensor,
+        batch: int,
+        guidance_rescale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return output  # guidance-distilled: the guidance scale is a transformer input
 
     def timestep_values(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # diffusers: t.expand(batch).to(latents.dtype) / 1000

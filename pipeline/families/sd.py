@@ -2,7 +2,8 @@
 
 The math follows diffusers' StableDiffusionPipeline: CLIP last hidden state as conditioning, classifier-free
 guidance when guidance_scale > 1 (negative prompt or "" as the unconditional half, batched [uncond, cond]),
-epsilon or v-prediction as the scheduler config says, latents / scaling_factor before the VAE decoder.
+with `guidance_rescale` where given, epsilon or v-prediction as the scheduler config says, latents /
+scaling_factor before the VAE decoder. Stable Diffusion XL (sdxl.py) builds on the stages defined here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError
-from .base import DimRange, Family, ShapeRange, StageSpec, Tensors, TensorSpec, vae_decoder_stage
+from .base import (
+    DimRange,
+    Family,
+    ShapeRange,
+    StageSpec,
+    Tensors,
+    TensorSpec,
+    classifier_free_guidance,
+    vae_decoder_stage,
+)
 from .text import tokenize
 
 logger = logging.getLogger(__name__)
@@ -37,6 +47,7 @@ class StableDiffusionFamily(Family):
     pipeline_classes = ("StableDiffusionPipeline",)
     denoiser = "unet"
     scheduler_class = "PNDMScheduler"
+    call_options = frozenset({"guidance_rescale"})
 
     @property
     def granularity(self) -> int:
@@ -55,39 +66,53 @@ class StableDiffusionFamily(Family):
         return 7.5
 
     def _build_stages(self) -> dict[str, StageSpec]:
-        cfg = self.source.configs
-        unet = cfg["unet"]
-        vae = cfg["vae"]
-        hidden = cfg["text_encoder"]["hidden_size"]
+        hidden = self.source.configs["text_encoder"]["hidden_size"]
         return {
-            "text_encoder": StageSpec(
-                "text_encoder",
-                "text_encoder",
-                (TensorSpec("input_ids", ("batch", self.clip_length), "int64"),),
-                (TensorSpec("last_hidden_state", ("batch", self.clip_length, hidden)),),
-                _clip,
+            "text_encoder": self.text_encoder_stage(
+                "text_encoder", (TensorSpec("last_hidden_state", ("batch", self.clip_length, hidden)),), _clip
             ),
-            "unet": StageSpec(
-                "unet",
-                "unet",
-                (
-                    TensorSpec(
-                        "sample", ("unet_batch", unet["in_channels"], "latent_height", "latent_width")
-                    ),
-                    TensorSpec("timestep", ("unet_batch",), "float32"),
-                    TensorSpec(
-                        "encoder_hidden_states", ("unet_batch", self.clip_length, unet["cross_attention_dim"])
-                    ),
-                ),
-                (
-                    TensorSpec(
-                        "noise_pred", ("unet_batch", unet["out_channels"], "latent_height", "latent_width")
-                    ),
-                ),
-                _unet,
-            ),
-            "vae_decoder": vae_decoder_stage(vae),
+            "unet": self.unet_stage(),
+            "vae_decoder": vae_decoder_stage(self.source.configs["vae"]),
         }
+
+    def text_encoder_stage(
+        self,
+        component: str,
+        outputs: tuple[TensorSpec, ...],
+        forward: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], Tensors],
+    ) -> StageSpec:
+        """A CLIP text encoder stage: token ids of the encoder's full length in, `outputs` out."""
+        length = int(self.source.configs[component]["max_position_embeddings"])
+        return StageSpec(
+            component, component, (TensorSpec("input_ids", ("batch", length), "int64"),), outputs, forward
+        )
+
+    def unet_stage(
+        self,
+        extra_inputs: tuple[TensorSpec, ...] = (),
+        forward: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], Tensors] = _unet,
+    ) -> StageSpec:
+        """The UNet stage: noisy latents, timestep and text in (plus `extra_inputs`), noise_pred out; the
+        classifier-free guidance halves ride in `unet_batch`."""
+        unet = self.source.configs["unet"]
+        return StageSpec(
+            "unet",
+            "unet",
+            (
+                TensorSpec("sample", ("unet_batch", unet["in_channels"], "latent_height", "latent_width")),
+                TensorSpec("timestep", ("unet_batch",), "float32"),
+                TensorSpec(
+                    "encoder_hidden_states", ("unet_batch", self.clip_length, unet["cross_attention_dim"])
+                ),
+                *extra_inputs,
+            ),
+            (
+                TensorSpec(
+                    "noise_pred", ("unet_batch", unet["out_channels"], "latent_height", "latent_width")
+                ),
+            ),
+            forward,
+        )
 
     # ---- shapes -----------------------------------------------------------------------------------------
     def dims(self, height: int, width: int, batch: int, cfg: bool = True) -> dict[str, int]:
@@ -173,7 +198,7 @@ class StableDiffusionFamily(Family):
         return {}
 
     def denoiser_conditioning(
-        self, text: Tensors, height: int, width: int, batch: int, guidance_scale: float
+        self, text: Tensors, height: int, width: int, batch: int, guidance_scale: float, **kwargs: Any
     ) -> Tensors:
         embeds = text["encoder_hidden_states"]
         if "negative_encoder_hidden_states" in text:
@@ -190,11 +215,16 @@ class StableDiffusionFamily(Family):
             "encoder_hidden_states": embeds,
         }
 
-    def guide(self, output: torch.Tensor, guidance_scale: torch.Tensor, batch: int) -> torch.Tensor:
-        if output.shape[0] == batch:  # no classifier-free guidance
+    def guide(
+        self,
+        output: torch.Tensor,
+        guidance_scale: torch.Tensor,
+        batch: int,
+        guidance_rescale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output.shape[0] == batch:  # no classifier-free guidance (and so no rescale, as in diffusers)
             return output
-        uncond, cond = output.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        return classifier_free_guidance(output, guidance_scale, guidance_rescale)
 
     def timestep_values(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return timesteps.to(torch.float32)
