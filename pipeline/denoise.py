@@ -272,14 +272,17 @@ class CudaGraphCall:
     def __call__(self, inputs: Tensors) -> Tensors:
         key = tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items()))
         captured = self.graphs.get(key)
-        if captured is None:
-            captured = self.graphs[key] = self._capture(key, inputs)
+        if captured is None:  # the warm-up before the capture is this call, for real
+            captured, outputs = self._capture(key, inputs)
+            self.graphs[key] = captured
+            return {name: t.clone() for name, t in outputs.items()}
         for name, tensor in inputs.items():
             captured.inputs[name].copy_(tensor)
         captured.graph.replay()
         return {name: t.clone() for name, t in captured.outputs.items()}
 
-    def _capture(self, key: tuple[Any, ...], inputs: Tensors) -> _Captured:
+    def _capture(self, key: tuple[Any, ...], inputs: Tensors) -> tuple[_Captured, Tensors]:
+        """Warm `fn` up on these inputs (its outputs are this call's result), then capture it."""
         start = time.perf_counter()
         static = {name: t.clone() for name, t in inputs.items()}
         current = torch.cuda.current_stream(self.device)
@@ -287,7 +290,8 @@ class CudaGraphCall:
         side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.fn(static)
+                warm = self.fn(static)
+            warm = {name: t.clone() for name, t in warm.items()}  # before the graph's pool reuses them
         current.wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -297,7 +301,7 @@ class CudaGraphCall:
         seconds = time.perf_counter() - start
         self.capture_s[str(key)] = seconds
         logger.info("captured the denoiser call of the scheduler loop in %.1f s", seconds)
-        return _Captured(graph, static, outputs)
+        return _Captured(graph, static, outputs), warm
 
 
 # ---- the step as one CUDA graph ---------------------------------------------------------------------------------
@@ -316,36 +320,41 @@ class StepGraph:
     capture_s: float
 
     @classmethod
-    def capture(
+    def first_run(
         cls,
         state: DenoiseState,
         make_step: Callable[[DenoiseState], Callable[[], None]],
+        on_step: Callable[[], None],
         *,
         pool: object | None = None,
-        warmup: int = 1,
-    ) -> StepGraph:
-        """Capture `make_step(static)` for `state`'s shapes on the current stream's device.
+    ) -> tuple[StepGraph, DenoiseState]:
+        """The first call at `state`'s shapes: capture the step, and serve the call meanwhile.
 
-        The warm-up runs first on a side stream, outside the graph: lazy initialisation (cuBLAS handles and
-        workspaces, cuDNN attention plans, kernels loaded from the compile cache) must not be captured.
+        Step 0 runs for real on the graph's buffers, on a side stream and outside any graph: it is also the
+        warm-up that lazy initialisation needs (cuBLAS handles and workspaces, cuDNN attention plans, kernels
+        loaded from the compile cache), which must not be captured. Step 1 is captured (capturing runs
+        nothing), then replayed for steps 1..K-1. So a new shape costs one capture, not extra steps.
+        Returns the graph and the state holding the result.
         """
         start = time.perf_counter()
         device = state.history.device
-        static = state.clone()
+        static = state.clone()  # the call's values, index 0
         step = make_step(static)
         current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            for _ in range(warmup):
-                static.index.zero_()
-                step()
+            step()  # step 0, for real
         current.wait_stream(side)
-        static.index.zero_()
+        on_step()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             step()
-        return cls(static, graph, time.perf_counter() - start)
+        captured = cls(static, graph, time.perf_counter() - start)
+        for _ in range(state.num_steps - 1):
+            graph.replay()
+            on_step()
+        return captured, static
 
     def run(self, state: DenoiseState, on_step: Callable[[], None]) -> DenoiseState:
         """Copy `state`'s values in, replay the step `num_steps` times; the graph's state holds the result."""

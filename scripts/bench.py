@@ -19,6 +19,7 @@ the same request (prompt, size, steps, guidance, seed) on the same weights:
   static              compile + eager specialization, shapes built ahead by a warm-up call at the measured shape
   static_graphs       the same with CUDA graphs (the specialization decision: static vs dynamic-shape code);
                       only when --configs names it
+  graphs_resnets      adaptive_graphs with the UNet's resnet blocks compiled as regions too; opt-in
   fp8_torchao         adaptive_graphs with fp8 Linear layers through torchao (per-row scales); opt-in
   fp8_scaled_mm       the same through our own torch._scaled_mm module; opt-in
   start               cold vs warm vs shipped start: the first image of a fresh process with an empty cache,
@@ -75,11 +76,17 @@ ALL_CONFIGS = (
     "adaptive_graphs",
     "static",
     "static_graphs",
+    "graphs_resnets",
     "fp8_torchao",
     "fp8_scaled_mm",
     "start",
 )
-OPT_IN_CONFIGS = ("static_graphs", "fp8_torchao", "fp8_scaled_mm")  # measured only when --configs names them
+OPT_IN_CONFIGS = (
+    "static_graphs",
+    "graphs_resnets",
+    "fp8_torchao",
+    "fp8_scaled_mm",
+)  # measured only when --configs names them
 DIFFUSERS_CONFIGS = ("diffusers_eager", "diffusers_compiled")
 
 # Published by NVIDIA for TensorRT-RTX adaptive inference; a reference for the chart's shape, not our data.
@@ -151,6 +158,9 @@ OURS = {
     "adaptive_graphs": OursSpec("ours, adaptive + CUDA graphs", None, cuda_graphs=True, compiled=True),
     "static": OursSpec("ours, static (built ahead)", "eager", cuda_graphs=False, compiled=True),
     "static_graphs": OursSpec("ours, static + CUDA graphs", "eager", cuda_graphs=True, compiled=True),
+    "graphs_resnets": OursSpec(
+        "ours, + resnet regions + graphs", None, True, True, (("compile_resnets", True),)
+    ),
     "fp8_torchao": OursSpec(
         "ours, fp8 torchao + graphs", None, True, True, (("precision", "fp8"), ("fp8_kernel", "torchao"))
     ),
@@ -162,7 +172,15 @@ OURS = {
         (("precision", "fp8"), ("fp8_kernel", "scaled_mm")),
     ),
 }
-MEASURED_OURS = ("adaptive", "adaptive_graphs", "static", "static_graphs", "fp8_torchao", "fp8_scaled_mm")
+MEASURED_OURS = (
+    "adaptive",
+    "adaptive_graphs",
+    "static",
+    "static_graphs",
+    "graphs_resnets",
+    "fp8_torchao",
+    "fp8_scaled_mm",
+)
 LABELS = {
     **{name: spec.label for name, spec in OURS.items()},
     "diffusers_eager": "diffusers, eager",
@@ -199,6 +217,7 @@ class ConfigResult:
     peak_memory_gib: float | None = None  # loading and serving, above what was allocated before loading
     serving_peak_gib: float | None = None  # the same, counted from the end of loading (weights + work)
     max_abs_diff: float | None = None  # images against ours eager, same request
+    latent_rel_l2: float | None = None  # final latents against ours eager: |a - b| / |b|
     process_s: float | None = None  # start only: the whole subprocess, imports included
     cache_save_s: float | None = None  # start only: pipe.close() persisting the cache
     cache_bytes: int | None = None  # start only: size of the cache folder after the process
@@ -284,6 +303,26 @@ def call_ours(pipe: Pipeline, request: Request, height: int = 0, width: int = 0)
         pipe.device,
     )
     return Call(seconds, dict(out.timings)), out.images
+
+
+def final_latents(pipe: Pipeline, request: Request) -> torch.Tensor:
+    """The request's final latents (untimed): what precision changes are judged on."""
+    out = pipe(
+        request.prompt,
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance,
+        generator=request.generator(),
+        output_type="latent",
+    )
+    return out.images.float().cpu()
+
+
+def rel_l2(latents: torch.Tensor, reference: torch.Tensor | None) -> float | None:
+    if reference is None or latents.shape != reference.shape:
+        return None
+    return float(torch.linalg.vector_norm(latents - reference) / torch.linalg.vector_norm(reference))
 
 
 def call_diffusers(dpipe: Any, request: Request, device: torch.device) -> tuple[Call, np.ndarray]:
@@ -374,7 +413,9 @@ def finish(pipe: Pipeline, result: ConfigResult | None) -> None:
     pipe.close()
 
 
-def measure_ours(setup: Setup, name: str, reference: np.ndarray | None) -> ConfigResult:
+def measure_ours(
+    setup: Setup, name: str, reference: np.ndarray | None, latents: torch.Tensor | None = None
+) -> ConfigResult:
     """Iterations 1..K of a fresh pipeline in `name`'s configuration (static: after a warm-up call)."""
     spec = OURS[name]
     options = spec.options(setup.compile_on, setup.precision)
@@ -401,6 +442,7 @@ def measure_ours(setup: Setup, name: str, reference: np.ndarray | None) -> Confi
                 result.calls.append(call)
                 logger.info("%s: call %d/%d %.3f s", name, i + 1, count, call.seconds)
             result.max_abs_diff = max_abs_diff(images, reference)
+            result.latent_rel_l2 = rel_l2(final_latents(pipe, setup.request), latents)
             if setup.new_size and name.startswith("adaptive"):
                 height, width = setup.new_size
                 for _ in range(2):
@@ -491,7 +533,7 @@ def measure_diffusers(
 
 def measure_eager_and_diffusers(
     setup: Setup, names: list[str]
-) -> tuple[list[ConfigResult], np.ndarray | None]:
+) -> tuple[list[ConfigResult], np.ndarray | None, torch.Tensor | None]:
     """Ours eager, then diffusers eager and compiled on the very modules it loaded. Returns ours eager's
     images as the reference every other configuration is compared with."""
     options = OURS["eager"].options(compile_on=False, precision=setup.precision)
@@ -509,6 +551,7 @@ def measure_eager_and_diffusers(
                 call, reference = call_ours(pipe, setup.request)
                 eager.calls.append(call)
                 logger.info("eager: call %d/%d %.3f s", i + 1, setup.iterations, call.seconds)
+            latents = final_latents(pipe, setup.request)
             eager.peak_memory_gib = peak_memory_gib(setup.device, baseline)
             if "eager" in names:
                 results.append(eager)
@@ -535,7 +578,7 @@ def measure_eager_and_diffusers(
             finish(pipe, None)
             del pipe
             free_memory(setup.device)
-    return results, reference
+    return results, reference, latents
 
 
 def measure_start(setup: Setup, argv_common: list[str]) -> list[ConfigResult]:
@@ -791,6 +834,8 @@ def table(data: dict[str, Any], results: list[ConfigResult]) -> str:
             note = ", ".join(f"{k}={v}" for k, v in result.options.items())
             if result.max_abs_diff is not None:
                 note += f"; max|Δ| vs ours eager {result.max_abs_diff:.2g}"
+            if result.latent_rel_l2 is not None:
+                note += f"; latents rel L2 {result.latent_rel_l2:.2g}"
         else:
             note = f"{result.status}: {result.reason}"
         lines.append(
@@ -1007,15 +1052,15 @@ def run(args: argparse.Namespace, work_dir: Path) -> int:
     names = selected_configs(args, setup.device)
     logger.info("configurations: %s", ", ".join(names))
     results: list[ConfigResult] = []
-    reference = None
+    reference = latents = None
     if "eager" in names or any(n in names for n in DIFFUSERS_CONFIGS):
-        measured, reference = measure_eager_and_diffusers(setup, names)
+        measured, reference, latents = measure_eager_and_diffusers(setup, names)
         results += measured
     for name in MEASURED_OURS:
         if name not in names:
             continue
         try:
-            results.append(measure_ours(setup, name, reference))
+            results.append(measure_ours(setup, name, reference, latents))
         except Exception as e:  # one failing configuration must not lose the others' figures
             logger.exception("%s failed", name)
             results.append(ConfigResult(name, LABELS[name], Status.FAILED, f"{type(e).__name__}: {e}"))

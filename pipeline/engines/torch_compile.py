@@ -44,8 +44,9 @@ from .compile_cache import NATIVE_GROUP, ArtifactStore
 
 logger = logging.getLogger(__name__)
 
-# Block classes compiled as regions, besides a model's own `_repeated_blocks` (diffusers' regional list).
-EXTRA_REGIONS = ("ResnetBlock2D",)
+# Block classes compiled as regions on request (`compile_resnets`), besides a model's own `_repeated_blocks`
+# (diffusers' regional list): the UNets' resnets come in a dozen shapes, one artifact each.
+RESNET_REGIONS = ("ResnetBlock2D",)
 # Guard types kept in artifacts: what compiled code depends on and what serializes. The rest (module
 # identity, attribute values, globals) is covered by the artifact key (`block_fingerprint`).
 KEPT_GUARDS = frozenset({"TENSOR_MATCH", "SHAPE_ENV", "DEFAULT_DEVICE"})
@@ -403,13 +404,16 @@ class CompiledForward:
         return self.compiler(self.block, args, kwargs)
 
 
-def region_classes(module: nn.Module) -> tuple[str, ...]:
-    return (*getattr(module, "_repeated_blocks", ()), *EXTRA_REGIONS)
+def region_classes(module: nn.Module, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    return (*getattr(module, "_repeated_blocks", ()), *extra)
 
 
-def wrap_regions(module: nn.Module, compiler: RegionCompiler) -> list[CompiledForward]:
-    """Route every block of `module` whose class is a region through `compiler` (outermost blocks only)."""
-    names = set(region_classes(module))
+def wrap_regions(
+    module: nn.Module, compiler: RegionCompiler, extra: Sequence[str] = ()
+) -> list[CompiledForward]:
+    """Route every block of `module` whose class is a region (its `_repeated_blocks`, and `extra`) through
+    `compiler` (outermost blocks only)."""
+    names = set(region_classes(module, extra))
     hooks: list[CompiledForward] = []
 
     def visit(parent: nn.Module) -> None:

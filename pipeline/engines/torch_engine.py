@@ -29,7 +29,14 @@ from ..families import Family, StageSpec
 from ..families.base import Tensors
 from .base import Backend, Precision, Specialization, parse_precision
 from .compile_cache import INDUCTOR_GROUP, ArtifactStore, load_store, save_store
-from .torch_compile import CompiledForward, RegionCompiler, RegionStats, configure_dynamo, wrap_regions
+from .torch_compile import (
+    RESNET_REGIONS,
+    CompiledForward,
+    RegionCompiler,
+    RegionStats,
+    configure_dynamo,
+    wrap_regions,
+)
 
 if TYPE_CHECKING:
     from ..cache import ModelCache
@@ -37,7 +44,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-OPTIONS = ("compile", "cuda_graphs", "specialization", "precision", "attention", "fp8_kernel", "compile_vae")
+OPTIONS = (
+    "compile",
+    "cuda_graphs",
+    "specialization",
+    "precision",
+    "attention",
+    "fp8_kernel",
+    "compile_vae",
+    "compile_resnets",
+)
 _PLUMBING = ("cache_dir", "model_cache")  # passed by the pipeline, not by users
 # Inductor options for the regions. Default mode: the large GEMMs go to cuBLAS either way; Inductor's own
 # CUDA graphs stay off (we capture the whole step ourselves).
@@ -53,6 +69,9 @@ ATTENTION_CHOICES = ("auto", "cudnn", "flash", "default")
 # torch._scaled_mm module (fp8.py); see fp8.py for which is the default and why.
 FP8_KERNELS = ("torchao", "scaled_mm")
 SPECIALIZATIONS = (Specialization.NONE, Specialization.EAGER)
+# The UNets' ResnetBlock2D as regions too (besides their attention blocks). Off by default: each of their
+# dozen shapes is one more artifact to compile cold; see the README for the measured trade-off.
+DEFAULT_COMPILE_RESNETS = False
 
 
 def choose_attention(device: torch.device, choice: str) -> str:
@@ -81,6 +100,7 @@ class TorchOptions:
     attention: str = "auto"
     fp8_kernel: str | None = None  # None: fp8.DEFAULT_KERNEL
     compile_vae: bool = DEFAULT_COMPILE_VAE
+    compile_resnets: bool = DEFAULT_COMPILE_RESNETS
 
     @classmethod
     def parse(cls, device: torch.device, options: dict[str, Any]) -> TorchOptions:
@@ -118,7 +138,8 @@ class TorchOptions:
         if kernel is not None and kernel not in FP8_KERNELS:
             raise InvalidInputError(f"fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got {kernel!r}")
         vae = _flag(options, "compile_vae", default=DEFAULT_COMPILE_VAE)
-        return cls(compile_, graphs, specialization, precision, attention, kernel, vae)
+        resnets = _flag(options, "compile_resnets", default=DEFAULT_COMPILE_RESNETS)
+        return cls(compile_, graphs, specialization, precision, attention, kernel, vae, resnets)
 
 
 def _flag(options: dict[str, Any], name: str, default: bool) -> bool:
@@ -218,10 +239,11 @@ class TorchBackend(Backend):
             store, specialization=self.options.specialization, options=INDUCTOR_OPTIONS, tag=tag
         )
         self.stats.regions = self.compiler.stats
-        self.hooks = wrap_regions(denoiser, self.compiler)
+        extra = RESNET_REGIONS if self.options.compile_resnets else ()
+        self.hooks = wrap_regions(denoiser, self.compiler, extra)
         n_vae = 0
         if vae is not None and self.options.compile_vae:
-            vae_hooks = wrap_regions(vae.decoder, self.compiler)
+            vae_hooks = wrap_regions(vae.decoder, self.compiler, RESNET_REGIONS)
             n_vae = len(vae_hooks)
             self.hooks += vae_hooks
         loaded = self.compiler.preload()
@@ -316,12 +338,13 @@ class TorchBackend(Backend):
 
         key = graph_key(state)
         graph = self._graphs.get(key)
-        if graph is None:
-            graph = StepGraph.capture(state, make_step, pool=self._graph_pool())
-            self._graphs[key] = graph
-            self.stats.captures[str(tuple(state.history.shape))] = graph.capture_s
-            logger.info("captured the denoising step in %.2f s", graph.capture_s)
-        return graph.run(state, on_step)
+        if graph is not None:
+            return graph.run(state, on_step)
+        graph, result = StepGraph.first_run(state, make_step, on_step, pool=self._graph_pool())
+        self._graphs[key] = graph
+        self.stats.captures[str(tuple(state.history.shape))] = graph.capture_s
+        logger.info("captured the denoising step in %.2f s (its first step included)", graph.capture_s)
+        return result
 
     # ---- the loop of a scheduler's own step: its denoiser call in CUDA graphs (denoise.CudaGraphCall) ------
     def graphed(self, name: str, fn: Callable[[Tensors], Tensors]) -> Callable[[Tensors], Tensors]:
