@@ -7,6 +7,7 @@ import logging
 from .errors import (
     BackendUnavailableError,
     InvalidInputError,
+    LoraError,
     ModelNotFoundError,
     OutOfProfileError,
     OutputError,
@@ -20,6 +21,7 @@ logging.getLogger("pipeline").addHandler(logging.NullHandler())
 __all__ = [
     "BackendUnavailableError",
     "InvalidInputError",
+    "LoraError",
     "ModelNotFoundError",
     "OutOfProfileError",
     "OutputError",

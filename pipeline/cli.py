@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import re
 import sys
@@ -65,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     engine.add_argument(
         "--precision", choices=("bf16", "fp16", "fp32", "fp8"), help="torch backend precision"
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA (.safetensors file, folder or hub id; diffusers or kohya/A1111) and its scale "
+        "(default 1); repeat to mix several",
     )
     cache = p.add_argument_group("cache")
     cache.add_argument("--cache-info", action="store_true", help="show what is cached where, then exit")
@@ -153,6 +162,25 @@ def _cache_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_loras(specs: list[str], source: Any) -> list[tuple[Any, float]]:
+    """--lora PATH[:SCALE] values -> (LoraFile, scale), each checked against the model's architecture on
+    weightless modules: a bad scale, a missing file or a LoRA for another model fail before weights load."""
+    if not specs:
+        return []
+    from .lora import check_lora, parse_lora_spec
+
+    parsed = [parse_lora_spec(spec) for spec in specs]
+    return [(check_lora(path, source), scale) for path, scale in parsed]
+
+
+def _load_loras(pipe: Any, loras: list[tuple[Any, float]]) -> None:
+    names = []
+    for i, (file, _) in enumerate(loras):
+        names.append(pipe.load_lora_weights(file.path, adapter_name=f"{i}:{file.path.stem}"))
+    if names:
+        pipe.set_adapters(names, [scale for _, scale in loras])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.cache_info or args.clear_cache:
         return _cache_command(args)
@@ -177,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     height = family.default_size if args.height is None else args.height
     width = family.default_size if args.width is None else args.width
     check_request(family, height, width, steps, args.num_images, "pil")
+    loras = _check_loras(args.lora, source)
 
     with Pipeline.from_pretrained(
         source,
@@ -187,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         **_backend_options(args),
     ) as pipe:
         pipe.progress = not args.quiet
+        _load_loras(pipe, loras)
         result = pipe(
             args.prompt,
             height=args.height,
@@ -208,6 +238,10 @@ def run(args: argparse.Namespace) -> int:
             "model": pipe.source.model_id,
             "backend": pipe.backend.describe(),
         }
+        if loras:  # each adapter: file, sha256 prefix (as A1111's LoRA hashes), scale
+            metadata["loras"] = json.dumps(
+                [{k: a[k] for k in ("file", "sha256", "scale")} for a in pipe.lora.describe()]
+            )
     for i, (image, path) in enumerate(zip(result.images, paths, strict=True)):
         save_png(image, path, dict(metadata, index=str(i)))
     t = result.timings

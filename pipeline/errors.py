@@ -32,3 +32,7 @@ class OutOfProfileError(PipelineError):
 
 class OutputError(PipelineError, OSError):
     """An output file or folder cannot be written."""
+
+
+class LoraError(PipelineError):
+    """A LoRA cannot be used: missing file, made for another architecture, a bad scale or adapter name."""
