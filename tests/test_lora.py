@@ -11,45 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
+from lora_files import FAMILIES, make_loras
 from safetensors.torch import load_file, save_file
 
 from pipeline import LoraError, Pipeline
-from pipeline.loading import read_model
 from pipeline.lora import Restore, parse_lora_spec
-from pipeline.random_lora import ATTENTION_MLP, LoraFormat, random_lora
 
 TOLERANCE = 2e-3
-FAMILIES = {
-    "flux": ("tiny_flux", FluxPipeline, "transformer", {"max_sequence_length": 32}),
-    "sd": ("tiny_sd", StableDiffusionPipeline, "unet", {}),
-}
-# the kohya SD LoRA also covers 3x3 convolutions (resnets' conv1), as kohya's LoCon-style files do
-SD_KOHYA = {
-    "unet": (*ATTENTION_MLP["unet"], r".*resnets\.\d+\.conv1$"),
-    "text_encoder": ATTENTION_MLP["text_encoder"],
-}
-
-
-def make_loras(folder: Path, out: Path, family: str) -> dict[str, Path]:
-    """Two random LoRAs for a tiny model: diffusers format (alpha != rank, text encoder included) and kohya."""
-    source = read_model(folder)
-    cls, denoiser = FAMILIES[family][1], FAMILIES[family][2]
-    modules = {c: source.load_component(c, torch.float32) for c in (denoiser, "text_encoder")}
-    common = {"pipeline_class": cls.__name__}
-    return {
-        "peft": random_lora(modules, out / f"{family}-peft.safetensors", rank=4, alpha=8, seed=1, **common),
-        "kohya": random_lora(
-            modules,
-            out / f"{family}-kohya.safetensors",
-            rank=3,
-            alpha=1.5,
-            lora_format=LoraFormat.KOHYA,
-            targets=SD_KOHYA if family == "sd" else None,
-            seed=2,
-            **common,
-        ),
-    }
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -265,3 +234,33 @@ def test_describe_names_file_hash_and_scale(case: dict, tmp_path: Path) -> None:
     assert json.loads(json.dumps(pipe.lora.describe())) == [
         {"name": "k", "file": case["loras"]["kohya"].name, "sha256": digest[:10], "scale": 0.25}
     ]
+
+
+@pytest.mark.slow  # compiling tiny-flux on a CPU: ~45 s of CPU time
+def test_switching_on_a_compiled_backend_compiles_nothing(tiny_flux: Path, tmp_path: Path) -> None:
+    """compile=True: LoRA load, mix and scale changes give the eager pipeline's images, and no graph is
+    compiled or recompiled for them."""
+    from torch._dynamo.utils import counters
+
+    case = {"family": "flux", "folder": tiny_flux, "loras": make_loras(tiny_flux, tmp_path, "flux")}
+    compiled = ours(tiny_flux, tmp_path / "compiled", compile=True, specialization="none")
+    eager = ours(tiny_flux, tmp_path / "eager")
+    plain = image(compiled, case)  # compiles here
+
+    def compiles() -> tuple:
+        return counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+
+    before = compiles()
+    assert before[0] > 0
+    for pipe in (compiled, eager):
+        pipe.load_lora_weights(case["loras"]["peft"], adapter_name="a")
+        pipe.load_lora_weights(case["loras"]["kohya"], adapter_name="b")
+    for weights in ([1.0, 0.0], [0.3, 0.9]):
+        for pipe in (compiled, eager):
+            pipe.set_adapters(["a", "b"], weights)
+        switched = image(compiled, case)
+        assert np.abs(switched - image(eager, case)).max() <= TOLERANCE
+        assert np.abs(switched - plain).max() > 0.05
+    compiled.unload_lora_weights()
+    assert np.abs(image(compiled, case) - plain).max() <= 1e-6
+    assert compiles() == before
