@@ -25,7 +25,7 @@ for TensorRT-RTX engines.
 
 from .adapters import Adapter, LoraAdapters, LoraStats, adapters_for
 from .files import LoraFile, check_scale, parse_lora_spec, resolve_lora
-from .reading import check_lora, lora_components, read_factors
+from .reading import check_lora, lora_components, read_factors, skeleton
 from .weights import Factor, InPlaceWeights, Restore, Site, Term, WeightStore, merged_delta
 
 __all__ = [
@@ -47,4 +47,5 @@ __all__ = [
     "parse_lora_spec",
     "read_factors",
     "resolve_lora",
+    "skeleton",
 ]

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 _TEXT_RANK_LAYERS = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
 
 
-def _skeleton(source: ModelSource, component: str) -> nn.Module:
+def skeleton(source: ModelSource, component: str) -> nn.Module:
     """A component's module on the meta device: its layers and shapes, no weights."""
     import diffusers
     import transformers
@@ -174,6 +174,6 @@ def read_factors(file: LoraFile, source: ModelSource, store: WeightStore) -> lis
 def check_lora(path_or_id: str | Path, source: ModelSource, weight_name: str | None = None) -> LoraFile:
     """Find a LoRA and check it fits `source`'s architecture, on meta-device modules (no weights loaded)."""
     file = resolve_lora(path_or_id, weight_name)
-    skeletons = {c: _skeleton(source, c) for c in lora_components(source)}
+    skeletons = {c: skeleton(source, c) for c in lora_components(source)}
     read_factors(file, source, InPlaceWeights(skeletons))
     return file

@@ -178,9 +178,9 @@ class InPlaceWeights:
         for key, terms in updates.items():
             param = self._params[key]
             if self.restore is Restore.COPY:
-                if key not in self._base:
-                    copy = param.detach().to("cpu", copy=True)
-                    self._base[key] = copy.pin_memory() if param.is_cuda else copy
+                if key not in self._base:  # first touch: the weight is W0
+                    base = torch.empty(param.shape, dtype=param.dtype, pin_memory=param.is_cuda)
+                    self._base[key] = base.copy_(param)
                 w0 = self._base[key].to(param.device, non_blocking=True).float()
             else:
                 w0 = param.float() - merged_delta(self._applied.get(key, ()), param.shape, param.device)
