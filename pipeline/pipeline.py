@@ -215,7 +215,7 @@ class Pipeline:
             }
             return PipelineOutput(images=images, timings=timings, seed=seed, settings=settings)
 
-    # ---- LoRA adapters, with diffusers' names (pipeline/lora.py) -------------------------------------------
+    # ---- LoRA adapters, with diffusers' names (pipeline/lora/) -------------------------------------------
     @property
     def lora(self) -> LoraAdapters:
         """The loaded LoRA adapters (merged into the weights in place: nothing recompiles or rebuilds)."""

@@ -9,7 +9,7 @@ Two formats, as LoRAs are found in the wild:
   diffusers path with `_` for `.`; FLUX modules by the original BFL layout (`double_blocks_0_img_attn_qkv`:
   one LoRA over the fused q/k/v projection, `single_blocks_0_linear2`...), the way sd-scripts names them.
 
-The loader (pipeline/lora.py) never reads these names itself: diffusers' converters do.
+The loader (pipeline/lora/) never reads these names itself: diffusers' converters do.
 """
 
 from __future__ import annotations

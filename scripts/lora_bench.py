@@ -59,14 +59,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compile_counts(pipe: Pipeline) -> dict[str, int]:
+def compile_counts(pipe: Pipeline) -> dict[str, Any]:
     from torch._dynamo.utils import counters
 
     captures = getattr(pipe.backend, "stats", None)
     return {
         "graphs": int(counters["stats"]["unique_graphs"]),
         "recompiles": int(sum(counters["recompiles"].values())),
-        "captures": len(getattr(captures, "captures", {}) or {}),
+        # shape -> capture seconds: a re-capture writes a new figure under the same key
+        "captures": dict(getattr(captures, "captures", {}) or {}),
     }
 
 

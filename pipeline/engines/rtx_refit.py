@@ -9,11 +9,12 @@ refitted with all of its weights, 24 GB for FLUX.1, at every load; the engine ca
 fast). TensorRT-RTX 1.7.1 builds refittable engines only on a machine with a CUDA GPU: on one without, any
 refit flag fails in its Myelin compiler on a CUDA call (even for a one-layer network).
 
-Run (`RefitWeights`, a `WeightStore` of pipeline/lora.py): W0 is the ONNX initializer the engine was built
+Run (`RefitWeights`, a `WeightStore` of pipeline/lora/): W0 is the ONNX initializer the engine was built
 from, read again for each refit (no copy kept in memory); W = W0 + the merged deltas in float32 on the GPU,
 cast to the engine's weight dtype, laid out as the initializer, handed to `trt.Refitter.set_named_weights`
-from device memory; weights the refitter reports missing are supplied from the ONNX; then
-`refit_cuda_engine` on an idle stream. Execution contexts of the engine stay valid across refits.
+from device memory, about 1 GiB of weights per `refit_cuda_engine` call (on an idle stream); weights the
+refitter reports missing (combined with those given) get what they hold now, W0 plus their own LoRA terms.
+Execution contexts of the engine stay valid across refits.
 
 Names: the ONNX parser names each weight after its initializer, so refit names are initializer names. torch's
 exporter folds a Linear's `Transpose(weight)` into a new initializer (`val_123`, (in, out) layout), so the map
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ LAYER_OPS = ("MatMul", "Gemm", "Conv")
 LAYER_CLASSES = ("torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv2d")
 _SCOPES, _CLASSES = "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy"
 _ROOT = "module."  # the export's StageModule holds the stage's module as `module`
+REFIT_CHUNK_BYTES = 1 << 30  # merged weights alive on the GPU at once during a switch (one refit each)
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,7 @@ class RefitWeights:
         self.engines = engines or {}
         self.device = torch.device(device)
         self._weights: dict[str, tuple[str, RefitWeight]] = {}  # site key -> (stage, weight)
+        self._applied: dict[str, dict[str, tuple[RefitWeight, list[Term]]]] = {}  # stage -> name -> terms
 
     @classmethod
     def for_backend(cls, backend: Backend, source: ModelSource) -> RefitWeights:
@@ -195,32 +199,61 @@ class RefitWeights:
         self._weights[key] = (stage, weight)
         return Site(key, weight.shape, self.device, weight.dtype)
 
-    def initial(self, stage: str, weight: RefitWeight) -> torch.Tensor:
-        """W0 in torch layout, float32 on the device."""
-        w0 = initializer(self.models[stage], weight.name).to(self.device).float()
-        return w0.t() if weight.transposed else w0
+    def value(self, stage: str, weight: RefitWeight, terms: Sequence[Term]) -> torch.Tensor:
+        """W0 + terms, in the initializer's layout and dtype, on the device (W0 itself for no terms)."""
+        w0 = initializer(self.models[stage], weight.name).to(self.device)
+        if not terms:
+            return w0
+        w = (w0.float().t() if weight.transposed else w0.float()) + merged_delta(
+            terms, weight.shape, self.device
+        )
+        return (w.t() if weight.transposed else w).to(weight.dtype).contiguous()
 
     def merged(self, updates: Mapping[str, Sequence[Term]]) -> dict[str, dict[str, torch.Tensor]]:
-        """Stage -> {weight name: W0 + terms}, each in its initializer's layout and dtype (no engine needed)."""
+        """Stage -> {weight name: W0 + terms} for `updates` (no engine needed; nothing recorded)."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, terms in updates.items():
             stage, weight = self._weights[key]
-            w = self.initial(stage, weight) + merged_delta(terms, weight.shape, self.device)
-            w = w.t() if weight.transposed else w
-            out.setdefault(stage, {})[weight.name] = w.to(weight.dtype).contiguous()
+            out.setdefault(stage, {})[weight.name] = self.value(stage, weight, terms)
         return out
 
-    def write(self, updates: Mapping[str, Sequence[Term]]) -> None:
-        for stage, weights in self.merged(updates).items():
-            model = self.models[stage]
-            refit_engine(
-                self.engines[stage], weights, lambda name, m=model: initializer(m, name).to(self.device)
+    def current(self, stage: str, name: str) -> torch.Tensor:
+        """What an engine weight should hold now: W0 + the terms applied to it (the refitter may ask for any
+        weight combined with one being refitted)."""
+        if name not in self.models[stage].graph.initializers:
+            raise LoraError(
+                f"the {stage} engine asks for weights {name!r} its ONNX does not hold; rebuild it"
             )
-            logger.info("%s: refitted %d weights", stage, len(weights))
+        weight, terms = self._applied.get(stage, {}).get(name, (None, []))
+        if weight is None:  # no LoRA on it: W0
+            return initializer(self.models[stage], name).to(self.device)
+        return self.value(stage, weight, terms)
+
+    def write(self, updates: Mapping[str, Sequence[Term]]) -> None:
+        names: dict[str, list[str]] = {}
+        for key, terms in updates.items():
+            stage, weight = self._weights[key]
+            self._applied.setdefault(stage, {})[weight.name] = (weight, list(terms))
+            names.setdefault(stage, []).append(weight.name)
+        for stage, todo in names.items():
+            # a bounded amount of merged weights on the GPU at a time: one refit per chunk
+            chunk: list[str] = []
+            size = 0
+            for i, name in enumerate(todo):
+                weight = self._applied[stage][name][0]
+                chunk.append(name)
+                size += math.prod(weight.shape) * weight.dtype.itemsize
+                if size >= REFIT_CHUNK_BYTES or i == len(todo) - 1:
+                    tensors = {n: self.current(stage, n) for n in chunk}
+                    refit_engine(self.engines[stage], tensors, lambda n, s=stage: self.current(s, n))
+                    chunk, size = [], 0
+            logger.info("%s: refitted %d weights", stage, len(todo))
 
     def release(self, keys: Iterable[str]) -> None:
         for key in keys:
-            self._weights.pop(key, None)
+            stage, weight = self._weights.pop(key, (None, None))
+            if stage is not None:
+                self._applied.get(stage, {}).pop(weight.name, None)
 
 
 def refit_engine(
@@ -236,7 +269,7 @@ def refit_engine(
     trt_logger = TrtLogger()
     refitter = trt.Refitter(engine, trt_logger)
     dtypes = _torch_dtypes()
-    keep = []  # the tensors must outlive refit_cuda_engine
+    keep = []  # the tensors must outlive refit_cuda_engine (they may be released after it returns)
 
     def give(name: str, tensor: torch.Tensor) -> None:
         proto = refitter.get_weights_prototype(name)
@@ -254,9 +287,10 @@ def refit_engine(
 
     for name, tensor in weights.items():
         give(name, tensor)
-    for name in refitter.get_missing_weights():
+    for name in refitter.get_missing_weights():  # weights TensorRT-RTX combined with those given
         give(name, supply(name))
     if torch.cuda.is_available():
         torch.cuda.current_stream().synchronize()  # refit needs an engine with no pending work
     if not refitter.refit_cuda_engine():
         raise LoraError(f"TensorRT-RTX could not refit the engine: {trt_logger.last_error()}")
+    # the refitter and `keep` go when this returns: TensorRT-RTX holds no reference after refit_cuda_engine
