@@ -8,6 +8,7 @@ The CLI decides what a person sees: a progress bar over the denoising steps, a o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -128,6 +129,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         choices=("fp8",),
         help="fp8: the denoiser's large Linear layers in float8 (torch backend; the weights' dtype is --dtype)",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA (.safetensors file, folder or hub id; diffusers or kohya/A1111) and its scale "
+        "(default 1); repeat to mix several",
+    )
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
@@ -228,6 +237,25 @@ def _cache_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_loras(specs: list[str], source: Any) -> list[tuple[Any, float]]:
+    """--lora PATH[:SCALE] values -> (LoraFile, scale), each checked against the model's architecture on
+    weightless modules: a bad scale, a missing file or a LoRA for another model fail before weights load."""
+    if not specs:
+        return []
+    from .lora import check_lora, parse_lora_spec
+
+    parsed = [parse_lora_spec(spec) for spec in specs]
+    return [(check_lora(path, source), scale) for path, scale in parsed]
+
+
+def _load_loras(pipe: Any, loras: list[tuple[Any, float]]) -> None:
+    names = []
+    for i, (file, _) in enumerate(loras):
+        names.append(pipe.load_lora_weights(file.path, adapter_name=f"{i}:{file.path.stem}"))
+    if names:
+        pipe.set_adapters(names, [scale for _, scale in loras])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.cache_info or args.clear_cache:
         return _cache_command(args)
@@ -255,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
         args.height, args.width, args.steps, args.guidance_scale
     )
     check_request(family, height, width, steps, args.num_images, "pil", guidance)
+    loras = _check_loras(args.lora, source)
 
     with Pipeline.from_pretrained(
         source,
@@ -266,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         **backend_options(args),
     ) as pipe:
         pipe.progress = not args.quiet
+        _load_loras(pipe, loras)
         result = pipe(
             args.prompt,
             height=args.height,
@@ -277,9 +307,20 @@ def run(args: argparse.Namespace) -> int:
             seed=seed,
         )
         model, backend = pipe.source.model_id, pipe.backend.describe()
+        extra: dict[str, str] = {}
+        if loras:  # each adapter: file, sha256 prefix (as A1111's LoRA hashes), scale
+            extra["loras"] = json.dumps(
+                [{k: a[k] for k in ("file", "sha256", "scale")} for a in pipe.lora.describe()]
+            )
     for i, (image, path) in enumerate(zip(result.images, paths, strict=True)):
         metadata = png_metadata(
-            args.prompt, seed=result.seeds[i], settings=result.settings, model=model, backend=backend, index=i
+            args.prompt,
+            seed=result.seeds[i],
+            settings=result.settings,
+            model=model,
+            backend=backend,
+            index=i,
+            **extra,
         )
         save_image(image, path, metadata, distilled_guidance=family.distilled_guidance)
     t = result.timings

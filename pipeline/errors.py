@@ -36,3 +36,7 @@ class OutputError(PipelineError, OSError):
 
 class CacheBusyError(PipelineError, TimeoutError):
     """A cache file stayed locked by another process for longer than this one waits for it."""
+
+
+class LoraError(PipelineError):
+    """A LoRA cannot be used: missing file, made for another architecture, a bad scale or adapter name."""

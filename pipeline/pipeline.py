@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from .loading import ModelSource, resolve_model
 from .options import check_seed, dtype_name, parse_device, parse_dtype
 from .schedule import Schedule, plan_schedule
 from .schedulers import build_scheduler, check_scheduler
+
+if TYPE_CHECKING:
+    from .lora import LoraAdapters
 
 logger = logging.getLogger("pipeline")
 
@@ -145,6 +148,7 @@ class Pipeline:
         # One CUDA stream for every engine and torch op of a call (never the legacy default stream, which
         # makes TensorRT synchronize around each call and forbids graph capture).
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._lora: LoraAdapters | None = None
 
     @classmethod
     def from_pretrained(
@@ -387,6 +391,51 @@ class Pipeline:
     def num_timesteps(self) -> int:
         """Denoising steps (model evaluations) of the current or last call, as diffusers names it."""
         return self._num_timesteps
+
+    # ---- LoRA adapters, with diffusers' names (pipeline/lora/) -------------------------------------------
+    @property
+    def lora(self) -> LoraAdapters:
+        """The loaded LoRA adapters (merged into the weights in place: nothing recompiles or rebuilds)."""
+        if self._lora is None:
+            from .lora import adapters_for
+
+            self._lora = adapters_for(self.backend, self.source)
+        return self._lora
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path: str | Path,
+        weight_name: str | None = None,
+        adapter_name: str | None = None,
+        *,
+        local_files_only: bool = False,
+    ) -> str:
+        """Load a LoRA (.safetensors file, folder or hub id; diffusers/PEFT or kohya/A1111 format) and make
+        it the active adapter. Returns its adapter name."""
+        with self._on_stream():
+            return self.lora.load(
+                pretrained_model_name_or_path, weight_name, adapter_name, local_files_only=local_files_only
+            )
+
+    def set_adapters(
+        self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None
+    ) -> None:
+        """Activate these adapters with these weights (1.0 each by default); the others are switched off."""
+        with self._on_stream():
+            self.lora.set_adapters(adapter_names, adapter_weights)
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        with self._on_stream():
+            self.lora.delete_adapters(adapter_names)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the weights are the model's own again."""
+        if self._lora is not None:
+            with self._on_stream():
+                self._lora.unload()
+
+    def get_active_adapters(self) -> list[str]:
+        return self._lora.get_active_adapters() if self._lora is not None else []
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def _on_step(

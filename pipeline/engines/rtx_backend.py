@@ -67,6 +67,7 @@ class RtxBackend(Backend):
         self.shape_range = shape_range or default_shape_range(family)
         export_model(family.source, model_cache.onnx_dir, dtype=dtype)
         build = dict(targets=targets, shape_range=self.shape_range, weight_streaming=weight_streaming)
+        build["refittable"] = True  # LoRA refits the denoiser and text encoders (engines/rtx_refit.py)
         paths = build_engines(family, model_cache.onnx_dir, model_cache.engine_dir, **build)
 
         resolve_runtime_cache(model_cache)  # copies a matching shipped cache in when the user has none

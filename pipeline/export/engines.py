@@ -89,9 +89,14 @@ def onnx_sha256(onnx_path: str | Path) -> str:
 
 
 def engine_metadata(
-    onnx_path: str | Path, profile: Profile, targets: Sequence[str], weight_streaming: bool
+    onnx_path: str | Path,
+    profile: Profile,
+    targets: Sequence[str],
+    weight_streaming: bool,
+    refittable: bool = False,
 ) -> dict[str, Any]:
     """What an engine is built from; a change in any field means a rebuild."""
+    refit = {"refittable": True} if refittable else {}  # absent when False: older engines stay valid
     return {
         "format": METADATA_FORMAT,
         "tensorrt_rtx": trt.__version__,
@@ -100,6 +105,7 @@ def engine_metadata(
         "targets": list(targets),
         "weight_streaming": weight_streaming,
         "strongly_typed": True,
+        **refit,
     }
 
 
@@ -114,7 +120,7 @@ def _why_rebuild(old: dict[str, Any] | None, new: dict[str, Any], engine_path: P
         if old.get(key) != value:
             if key == "onnx_sha256":
                 changes.append("ONNX changed")
-            elif key in ("targets", "tensorrt_rtx", "weight_streaming"):
+            elif key in ("targets", "tensorrt_rtx", "weight_streaming", "refittable"):
                 changes.append(f"{key} changed ({old.get(key)} -> {value})")
             else:
                 changes.append(f"{key} changed")
@@ -141,8 +147,11 @@ def build_serialized(
     *,
     targets: Sequence[str] = DEFAULT_TARGETS,
     weight_streaming: bool = False,
+    refittable: bool = False,
 ) -> bytes:
-    """Parse an ONNX file and build a serialized TensorRT-RTX engine (no files written)."""
+    """Parse an ONNX file and build a serialized TensorRT-RTX engine (no files written).
+
+    refittable: the weights a LoRA can change are refittable (engines/rtx_refit.py; needs a CUDA GPU)."""
     trt_logger = TrtLogger()
     builder = trt.Builder(trt_logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -170,6 +179,10 @@ def build_serialized(
     _set_targets(config, targets)
     if weight_streaming:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if refittable:
+        from ..engines.rtx_refit import make_refittable
+
+        make_refittable(network, config, onnx_path)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT-RTX could not build {onnx_path}: {trt_logger.last_error()}")
@@ -184,6 +197,7 @@ def build_engine(
     *,
     targets: Sequence[str] = DEFAULT_TARGETS,
     weight_streaming: bool = False,
+    refittable: bool = False,
     force: bool = False,
 ) -> Path:
     """Build `out_path` (<stage>.engine) from one stage ONNX unless its metadata (<stage>.json) matches.
@@ -202,14 +216,16 @@ def build_engine(
     sweep_temps(out_path.parent)  # what killed builds left
     # builds of one engine take turns: a second process waits (saying for whom), then finds it up to date
     with file_lock(out_path, None, purpose=f"building the {stage_spec.name} TensorRT-RTX engine"):
-        meta = engine_metadata(onnx_path, profile, targets, weight_streaming)
+        meta = engine_metadata(onnx_path, profile, targets, weight_streaming, refittable)
         reason = "forced" if force else _why_rebuild(_read_metadata(meta_path), meta, out_path)
         if reason is None:
             logger.info("%s engine is up to date (%s)", stage_spec.name, out_path)
             return out_path
         logger.info("building %s engine for %s: %s", stage_spec.name, ",".join(targets), reason)
         start = time.perf_counter()
-        data = build_serialized(onnx_path, profile, targets=targets, weight_streaming=weight_streaming)
+        data = build_serialized(
+            onnx_path, profile, targets=targets, weight_streaming=weight_streaming, refittable=refittable
+        )
         atomic_write_bytes(out_path, data)
         meta["build_seconds"] = round(time.perf_counter() - start, 2)
         meta["engine_bytes"] = len(data)
@@ -234,13 +250,21 @@ def build_engines(
     targets: Sequence[str] = DEFAULT_TARGETS,
     shape_range: ShapeRange = ShapeRange(),  # noqa: B008 (frozen dataclass)
     weight_streaming: bool = False,
+    refittable: bool = False,
     force: bool = False,
 ) -> dict[str, Path]:
-    """Build `out_dir/<stage>.engine` from `onnx_dir/<stage>.onnx` for every (or the named) stage."""
+    """Build `out_dir/<stage>.engine` from `onnx_dir/<stage>.onnx` for every (or the named) stage.
+
+    refittable: the stages a LoRA can change are built refittable (engines/rtx_refit.py)."""
     names = list(stages) if stages is not None else list(family.stages)
     unknown = [s for s in names if s not in family.stages]
     if unknown:
         raise InvalidInputError(f"unknown stages {unknown}; {family.name} has {', '.join(family.stages)}")
+    refit = set()
+    if refittable:
+        from ..engines.rtx_refit import lora_stages
+
+        refit = set(lora_stages(family).values())
     out = {}
     for name in names:
         out[name] = build_engine(
@@ -250,6 +274,7 @@ def build_engines(
             Path(out_dir) / f"{name}.engine",
             targets=targets,
             weight_streaming=weight_streaming,
+            refittable=name in refit,
             force=force,
         )
     return out
