@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         help=f"an image file ({', '.join(IMAGE_FORMATS)}), or a folder (default: the current folder)",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA (.safetensors file, folder or hub id; diffusers or kohya/A1111) and its scale "
+        "(default 1); repeat to mix several",
+    )
     add_engine_arguments(p)
     cache = p.add_argument_group("cache")
     cache.add_argument("--cache-info", action="store_true", help="show what is cached where, then exit")
@@ -128,14 +136,6 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=("fp8",),
         help="fp8: the denoiser's large Linear layers in float8 (torch backend; the weights' dtype is --dtype)",
-    )
-    p.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="PATH[:SCALE]",
-        help="a LoRA (.safetensors file, folder or hub id; diffusers or kohya/A1111) and its scale "
-        "(default 1); repeat to mix several",
     )
 
 
