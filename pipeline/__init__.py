@@ -6,6 +6,8 @@ import logging
 
 from .errors import (
     BackendUnavailableError,
+    EnginesNotBuiltError,
+    InsufficientMemoryError,
     InvalidInputError,
     ModelNotFoundError,
     OutOfProfileError,
@@ -19,6 +21,8 @@ logging.getLogger("pipeline").addHandler(logging.NullHandler())
 
 __all__ = [
     "BackendUnavailableError",
+    "EnginesNotBuiltError",
+    "InsufficientMemoryError",
     "InvalidInputError",
     "ModelNotFoundError",
     "OutOfProfileError",

@@ -34,7 +34,9 @@ from .files import (
     atomic_write_text,
     ensure_writable_dir,
     file_lock,
+    hash_sidecar,
     lock_path,
+    remembered_sha256,
     sha256_file,
 )
 from .platform import PlatformInfo, platform_info, platform_key, tool_versions
@@ -75,6 +77,7 @@ __all__ = [
     "encode_blob",
     "ensure_writable_dir",
     "file_lock",
+    "hash_sidecar",
     "load_blob",
     "lock_path",
     "model_key",
@@ -82,6 +85,7 @@ __all__ = [
     "platform_key",
     "read_blob_header",
     "read_manifest",
+    "remembered_sha256",
     "resolve_runtime_cache",
     "save_blob",
     "sha256_file",

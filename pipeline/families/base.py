@@ -173,6 +173,9 @@ class Family(ABC):
     default_cuda_dtype: ClassVar[torch.dtype] = torch.float16  # the weights' dtype on a GPU unless asked
     # diffusers' pipeline calls scheduler.set_begin_index(0) (FLUX does; SD's pipelines do not)
     schedule_begin_index: ClassVar[bool] = False
+    # Linear layers of the denoiser that fp8 engines quantize (fnmatch patterns on module names): by default
+    # all of them; families name their repeated blocks, keeping embedders and output projections precise.
+    fp8_modules: ClassVar[tuple[str, ...]] = ("*",)
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source

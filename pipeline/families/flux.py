@@ -49,6 +49,7 @@ class FluxFamily(Family):
     denoiser = "transformer"
     default_cuda_dtype = torch.bfloat16
     schedule_begin_index = True
+    fp8_modules = ("transformer_blocks.*", "single_transformer_blocks.*")
 
     @property
     def granularity(self) -> int:

@@ -32,6 +32,7 @@ class StableDiffusionFamily(Family):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
     denoiser = "unet"
+    fp8_modules = ("*attentions.*",)  # the transformer blocks' projections and feed-forwards
 
     @property
     def granularity(self) -> int:
