@@ -64,7 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--specialization", choices=("lazy", "eager", "none"), help="shape-specialized kernels"
     )
     engine.add_argument(
-        "--precision", choices=("bf16", "fp16", "fp32", "fp8"), help="torch backend precision"
+        "--precision",
+        choices=("bf16", "fp16", "fp32", "fp8"),
+        help="torch: compute precision; rtx: fp8 engines (denoiser in FP8) or the model dtype's",
+    )
+    rtx = p.add_argument_group("TensorRT-RTX (backend rtx)")
+    rtx.add_argument(
+        "--build-engines",
+        action="store_true",
+        help="export and build the model's engines for this GPU (progress, times, sizes), then exit",
+    )
+    rtx.add_argument("--targets", help="with --build-engines: compute capabilities (default: this GPU)")
+    rtx.add_argument("--max-size", help="with --build-engines: largest image, WIDTHxHEIGHT")
+    rtx.add_argument(
+        "--vram-budget", type=float, help="GB of GPU memory the engines may use (default: what is free)"
+    )
+    rtx.add_argument(
+        "--low-vram",
+        action="store_true",
+        default=None,
+        help="each stage's weights on the GPU only for its turn (text encoders released after encoding)",
     )
     cache = p.add_argument_group("cache")
     cache.add_argument("--cache-info", action="store_true", help="show what is cached where, then exit")
@@ -137,8 +156,15 @@ def save_png(image: Any, path: Path, metadata: dict[str, str]) -> None:
 
 
 def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("compile", "cuda_graphs", "specialization", "precision")
+    names = ("compile", "cuda_graphs", "specialization", "precision", "vram_budget", "low_vram")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _build_command(args: argparse.Namespace) -> int:
+    """`--build-engines`: the rtx engines of --model, built as a step of its own."""
+    from .engines.build_cli import build_engines_command
+
+    return build_engines_command(args)
 
 
 def _cache_command(args: argparse.Namespace) -> int:
@@ -156,6 +182,8 @@ def _cache_command(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.cache_info or args.clear_cache:
         return _cache_command(args)
+    if args.build_engines:
+        return _build_command(args)
     if not args.prompt:
         raise InvalidInputError(
             'give a prompt, e.g. python -m pipeline "a red fox in the snow" --model tiny-flux'

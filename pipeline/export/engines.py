@@ -305,6 +305,7 @@ def build_engine(
     precision: str = "unknown",
     force: bool = False,
     progress: Any = None,
+    denoiser: bool = False,
 ) -> Path:
     """Build `out_path` (<stage>.engine) from one stage ONNX unless its metadata (<stage>.json) matches.
 
@@ -335,6 +336,7 @@ def build_engine(
         onnx_total, onnx_largest = onnx_weights(onnx_path)
         meta.update(
             stage=stage_spec.name,
+            denoiser=denoiser,
             build_seconds=round(time.perf_counter() - start, 2),
             engine_bytes=len(data),
             # the memory plan's inputs (pipeline/engines/memory.py): what the builder reported where it did
@@ -404,6 +406,7 @@ def build_engines(
                 precision=precision,
                 force=force,
                 progress=bar if progress else None,
+                denoiser=name == family.denoiser,
             )
             bar.update(1)
     return out
@@ -462,4 +465,25 @@ def build_engines_from_args(args: argparse.Namespace, family: Family, out_dir: s
         shape_range=shape_range_from_args(args, family),
         weight_streaming=bool(getattr(args, "weight_streaming", True)),
         force=bool(getattr(args, "force", False)),
+        progress=bool(getattr(args, "progress", False)),
     )
+
+
+def engine_summary(paths: Mapping[str, Path]) -> str:
+    """A table of built engines from their metadata: precision, sizes, activations, build time."""
+    rows = [("stage", "precision", "engine MB", "weights MB", "activations MB", "streams", "build s")]
+    for name, path in paths.items():
+        meta = _read_metadata(path.with_suffix(".json")) or {}
+        rows.append(
+            (
+                name,
+                str(meta.get("precision", "?")),
+                f"{meta.get('engine_bytes', 0) / 1e6:.1f}",
+                f"{meta.get('weight_bytes', 0) / 1e6:.1f}",
+                f"{meta.get('activation_bytes', 0) / 1e6:.1f}",
+                "yes" if meta.get("weight_streaming") else "no",
+                f"{meta.get('build_seconds', 0):.1f}" if "build_seconds" in meta else "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
