@@ -302,7 +302,7 @@ def build_engine(
     *,
     targets: Sequence[str] = DEFAULT_TARGETS,
     weight_streaming: bool = True,
-    precision: str = "unknown",
+    precision: str | None = None,
     force: bool = False,
     progress: Any = None,
     denoiser: bool = False,
@@ -318,6 +318,7 @@ def build_engine(
             f"no ONNX for stage {stage_spec.name} at {onnx_path}; run python -m export first"
         )
     targets = parse_targets(targets)
+    precision = precision or stage_precision(onnx_path.parent, stage_spec.name)
     check_precision_targets(precision, targets)
     meta_path = out_path.with_suffix(".json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
