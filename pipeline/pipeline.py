@@ -93,7 +93,9 @@ class Pipeline:
         """Load `model` (a diffusers folder, a hub id, or 'tiny-flux' / 'tiny-sd') onto `backend`.
 
         backend: "auto" (rtx where TensorRT-RTX runs, else torch), "rtx" or "torch".
-        backend_options: compile, cuda_graphs, specialization ("lazy"|"eager"|"none"), precision.
+        backend_options: compile, cuda_graphs, specialization ("lazy"|"eager"|"none"), precision; rtx also
+        vram_budget (GB), low_vram, build (build missing engines first; otherwise EnginesNotBuiltError names
+        the command). See pipeline/engines/rtx_backend.py.
         """
         cache_dir = Path(cache_dir) if cache_dir is not None else None
         source = (
