@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     rtx.add_argument("--targets", help="with --build-engines: compute capabilities (default: this GPU)")
     rtx.add_argument("--max-size", help="with --build-engines: largest image, WIDTHxHEIGHT")
     rtx.add_argument(
+        "--export-device",
+        help="with --build-engines: where the modules are built, calibrated (fp8) and traced: cuda (default "
+        "with a GPU; needs GPU memory for the model dtype's weights) or cpu (needs that much RAM)",
+    )
+    rtx.add_argument(
         "--vram-budget", type=float, help="GB of GPU memory the engines may use (default: what is free)"
     )
     rtx.add_argument(

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def prewarm(args: argparse.Namespace) -> ShippedCache:
     with tempfile.TemporaryDirectory(prefix="prewarm-") as tmp:
         pipe = Pipeline.from_pretrained(
-            args.model, backend=args.backend, device=args.device, dtype=args.dtype, cache_dir=tmp
+            args.model, backend=args.backend, device=args.device, dtype=args.dtype, cache_dir=tmp, build=True
         )
         pipe.progress = False
         shapes = []

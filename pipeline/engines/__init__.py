@@ -54,7 +54,9 @@ def create_backend(
     from .rtx_backend import RTX_OPTIONS
     from .torch_engine import TorchBackend
 
-    # rtx-only options (an engine build, a VRAM budget) mean nothing to the torch backend: said, then dropped
+    # rtx-only options (a VRAM budget, engine targets) mean nothing to the torch backend: said, then dropped;
+    # build=True ("build what is missing") holds for it trivially
+    options.pop("build", None)
     dropped = sorted(k for k in RTX_OPTIONS if options.pop(k, None) not in (None, False))
     if dropped:
         logger.warning("options %s apply to the rtx backend only; ignored", ", ".join(dropped))

@@ -46,8 +46,9 @@ def build_engines_command(args: argparse.Namespace) -> int:
     model_cache = ModelCache.for_model(source, "rtx", device, args.cache_dir)
     engines = EngineSet(family, model_cache, dtype, precision)
     start = time.perf_counter()
+    export_device = parse_device(args.export_device) if args.export_device else device
     paths = engines.build(
-        device=device,
+        device=export_device,
         targets=targets,
         shape_range=shape_range,
         progress=not args.quiet,

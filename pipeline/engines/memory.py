@@ -172,6 +172,10 @@ class MemoryPlan:
             where = f"a --vram-budget of {vram_budget / GB:.1f} GB"
         placement = self.place(vram_budget, residency)
         if placement.fits:
+            if placement.streams and residency is Residency.RESIDENT:
+                low = self.place(vram_budget, Residency.LOW_VRAM)
+                if low.fits and not low.streams:
+                    logger.info("%s: --low-vram would keep all the denoiser's weights on the GPU", self.model)
             if placement.streams:
                 logger.info(
                     "%s: streaming the denoiser's weights, %.1f of %.1f GB on the GPU (peak %.1f GB of %.1f)",
@@ -254,18 +258,20 @@ class MemoryPlan:
         return out
 
     def summary(self, vram_budget: int) -> str:
-        """One line: how this plan runs within `vram_budget`."""
-        for residency in Residency:
-            placement = self.place(vram_budget, residency)
-            if placement.fits:
-                mode = "all resident" if residency is Residency.RESIDENT else "low VRAM"
-                stream = (
-                    f", denoiser streams ({(placement.denoiser_budget or 0) / GB:.1f} GB of its weights on the GPU)"
-                    if placement.streams
-                    else ""
-                )
-                return f"fits, {mode}{stream}, peak {placement.peak_bytes / GB:.1f} GB"
-        return f"does not fit: {self.fix(vram_budget, Residency.LOW_VRAM)}"
+        """One line: how this plan best runs within `vram_budget`, preferring no streaming (a streamed weight
+        crosses PCIe every step), then low VRAM (the text encoders reload once per call)."""
+        placements = [self.place(vram_budget, r) for r in Residency]
+        fitting = [p for p in placements if p.fits]
+        if not fitting:
+            return f"does not fit: {self.fix(vram_budget, Residency.LOW_VRAM)}"
+        best = min(fitting, key=lambda p: (p.streams, p.residency is Residency.LOW_VRAM))
+        mode = "all resident" if best.residency is Residency.RESIDENT else "--low-vram"
+        stream = (
+            f", denoiser streams ({(best.denoiser_budget or 0) / GB:.1f} GB of its weights on the GPU)"
+            if best.streams
+            else ""
+        )
+        return f"fits, {mode}{stream}, peak {best.peak_bytes / GB:.1f} GB"
 
 
 @dataclass
