@@ -147,9 +147,13 @@ class MemoryPlan:
         denoiser = self.stage(self.denoiser)
         if full <= vram_budget or not denoiser.weight_streaming:
             return Placement(full, vram_budget, None, residency)
-        floor = self.peak_bytes(residency, 0)
-        budget = max(0, vram_budget - floor)  # every byte of budget beyond the floor is a byte on the GPU
-        budget = min(budget, denoiser.weight_bytes)
+        if self.peak_bytes(residency, 0) > vram_budget:
+            return Placement(self.peak_bytes(residency, 0), vram_budget, 0, residency)
+        lo, hi = 0, denoiser.weight_bytes  # the largest budget whose peak fits (the peak grows with it)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.peak_bytes(residency, mid) <= vram_budget else (lo, mid - 1)
+        budget = lo
         return Placement(self.peak_bytes(residency, budget), vram_budget, budget, residency)
 
     def check(
@@ -259,12 +263,16 @@ class MemoryPlan:
 
     def summary(self, vram_budget: int) -> str:
         """One line: how this plan best runs within `vram_budget`, preferring no streaming (a streamed weight
-        crosses PCIe every step), then low VRAM (the text encoders reload once per call)."""
+        crosses PCIe every step), then the most weights kept on the GPU, then all resident (low VRAM reloads
+        the text encoders once per call)."""
         placements = [self.place(vram_budget, r) for r in Residency]
         fitting = [p for p in placements if p.fits]
         if not fitting:
             return f"does not fit: {self.fix(vram_budget, Residency.LOW_VRAM)}"
-        best = min(fitting, key=lambda p: (p.streams, p.residency is Residency.LOW_VRAM))
+        # no streaming first; among streaming ones, the most weights on the GPU; then all resident
+        best = min(
+            fitting, key=lambda p: (p.streams, -(p.denoiser_budget or 0), p.residency is Residency.LOW_VRAM)
+        )
         mode = "all resident" if best.residency is Residency.RESIDENT else "--low-vram"
         stream = (
             f", denoiser streams ({(best.denoiser_budget or 0) / GB:.1f} GB of its weights on the GPU)"
