@@ -46,10 +46,10 @@ def test_engine_precision_is_fp8_or_the_model_dtype() -> None:
 @pytest.fixture
 def cli_logging() -> Iterator[None]:
     """The CLI sets up the package logger for a terminal; put it back for the tests that follow."""
-    log = logging.getLogger("pipeline")
-    saved = (log.handlers[:], log.level, log.propagate)
+    log, root = logging.getLogger("pipeline"), logging.getLogger()
+    saved = (log.handlers[:], log.level, log.propagate, root.handlers[:])
     yield
-    log.handlers[:], log.level, log.propagate = saved
+    log.handlers[:], log.level, log.propagate, root.handlers[:] = saved
 
 
 @pytest.mark.usefixtures("cli_logging")
@@ -78,3 +78,27 @@ def test_build_engines_command_builds_what_the_backend_loads(
     assert set(paths) == set(family.stages)
     assert all(m["targets"] == ["sm89"] and m["weight_streaming"] for m in metadata.values())
     assert json.loads(paths["unet"].with_suffix(".json").read_text())["denoiser"] is True
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_export_cli_refuses_fp8_for_old_gpus_before_exporting(
+    tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pipeline.export.cli import main as export_main
+
+    code = export_main(
+        [
+            str(tiny_sd),
+            "--out",
+            str(tmp_path / "out"),
+            "--engines",
+            "--precision",
+            "fp8",
+            "--targets",
+            "sm86,sm89",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "fp8 engines need compute capability 8.9 or newer; drop sm86" in err
+    assert not (tmp_path / "out" / "unet.onnx").exists()

@@ -78,6 +78,7 @@ def one_stage(built: dict[str, dict], tmp_path: Path) -> tuple[Family, Path, Pat
     """A private copy of the tiny SD text encoder's ONNX and engine, to change and rebuild."""
     sd = built["sd"]
     shutil.copy(sd["root"] / "onnx" / "text_encoder.onnx", tmp_path / "text_encoder.onnx")
+    shutil.copy(sd["root"] / "onnx" / "manifest.json", tmp_path / "manifest.json")  # says its precision
     for suffix in (".engine", ".json"):
         shutil.copy(sd["engines"]["text_encoder"].with_suffix(suffix), tmp_path / f"text_encoder{suffix}")
     return sd["family"], tmp_path / "text_encoder.onnx", tmp_path / "text_encoder.engine"

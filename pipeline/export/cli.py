@@ -123,14 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for stage, path in paths.items():
-        print(f"{stage}: {path} ({_size(path)})")
-    if engines and not args.quiet:
-        from .engines import engine_summary
+        print(f"{stage}: {path}")
+    if not args.quiet:  # what it cost, on stderr: stdout stays one line per stage
+        sizes = ", ".join(f"{stage} {_size(path)}" for stage, path in paths.items())
+        print(f"onnx: {sizes}", file=sys.stderr)
+        if engines:
+            from .engines import engine_summary
 
-        print(engine_summary(engines))
-    if not args.quiet:
+            print(engine_summary(engines), file=sys.stderr)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        print(f"done in {time.perf_counter() - start:.1f} s, peak RAM {peak:.1f} GB")
+        print(f"done in {time.perf_counter() - start:.1f} s, peak RAM {peak:.1f} GB", file=sys.stderr)
     return 0
 
 
