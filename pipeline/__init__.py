@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     BackendUnavailableError,
     CacheBusyError,
+    EnginesNotBuiltError,
+    InsufficientMemoryError,
     InvalidInputError,
     LoraError,
     ModelNotFoundError,
@@ -29,6 +31,8 @@ logging.getLogger("pipeline").addHandler(logging.NullHandler())
 __all__ = [
     "BackendUnavailableError",
     "CacheBusyError",
+    "EnginesNotBuiltError",
+    "InsufficientMemoryError",
     "InvalidInputError",
     "LoraError",
     "ModelNotFoundError",

@@ -105,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 1); repeat to mix several",
     )
     add_engine_arguments(p)
+    build = p.add_argument_group("building TensorRT-RTX engines")
+    build.add_argument(
+        "--build-engines",
+        action="store_true",
+        help="export and build the model's engines for this GPU (progress, times, sizes), then exit",
+    )
+    build.add_argument("--targets", help="with --build-engines: compute capabilities (default: this GPU)")
+    build.add_argument("--max-size", help="with --build-engines: largest image, WIDTHxHEIGHT")
+    build.add_argument(
+        "--export-device",
+        help="with --build-engines: where the modules are built, calibrated (fp8) and traced: cuda (default "
+        "with a GPU; needs GPU memory for the model dtype's weights) or cpu (needs that much RAM)",
+    )
     cache = p.add_argument_group("cache")
     cache.add_argument("--cache-info", action="store_true", help="show what is cached where, then exit")
     cache.add_argument("--clear-cache", action="store_true", help="remove what the app cached, then exit")
@@ -135,7 +148,18 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     engine.add_argument(
         "--precision",
         choices=("fp8",),
-        help="fp8: the denoiser's large Linear layers in float8 (torch backend; the weights' dtype is --dtype)",
+        help="fp8: the denoiser in float8 (torch: its large Linear layers; rtx: FP8 engines); the weights' "
+        "dtype is --dtype",
+    )
+    rtx = p.add_argument_group("TensorRT-RTX memory (backend rtx)")
+    rtx.add_argument(
+        "--vram-budget", type=float, help="GB of GPU memory the engines may use (default: what is free)"
+    )
+    rtx.add_argument(
+        "--low-vram",
+        action="store_true",
+        default=None,
+        help="each stage's weights on the GPU only for its turn (text encoders released after encoding)",
     )
 
 
@@ -221,8 +245,15 @@ def png_metadata(
 
 def backend_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine options given on the command line, as `Pipeline.from_pretrained` keywords."""
-    names = ("compile", "cuda_graphs", "specialization", "precision")
+    names = ("compile", "cuda_graphs", "specialization", "precision", "vram_budget", "low_vram")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _build_command(args: argparse.Namespace) -> int:
+    """`--build-engines`: the rtx engines of --model, built as a step of its own."""
+    from .engines.build_cli import build_engines_command
+
+    return build_engines_command(args)
 
 
 def _cache_command(args: argparse.Namespace) -> int:
@@ -259,6 +290,8 @@ def _load_loras(pipe: Any, loras: list[tuple[Any, float]]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.cache_info or args.clear_cache:
         return _cache_command(args)
+    if args.build_engines:
+        return _build_command(args)
     if args.prompt is None:
         raise InvalidInputError(
             'give a prompt, e.g. python -m pipeline "a red fox in the snow" --model tiny-flux'

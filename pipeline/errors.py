@@ -30,6 +30,14 @@ class OutOfProfileError(PipelineError):
     """A request falls outside the shapes an engine was built for, and it cannot be widened."""
 
 
+class InsufficientMemoryError(PipelineError):
+    """The engines' memory plan does not fit the GPU's free memory (or the given VRAM budget)."""
+
+
+class EnginesNotBuiltError(PipelineError):
+    """backend="rtx" found no engines (or stale ones) for this model and GPU; the message names the command."""
+
+
 class OutputError(PipelineError, OSError):
     """An output file or folder cannot be written."""
 

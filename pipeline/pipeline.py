@@ -173,7 +173,9 @@ class Pipeline:
             schedulers (built with `from_config` on the model's scheduler config); default the model's own.
             Checked before any weights load, as is the model's own.
         backend_options: compile, cuda_graphs, specialization ("none"|"eager"; "lazy" on rtx), precision
-            ("fp8": the denoiser's large Linear layers in float8, what a dtype cannot say).
+            ("fp8": the denoiser's large Linear layers in float8, what a dtype cannot say); rtx also
+            vram_budget (GB), low_vram, build (build missing engines first; otherwise EnginesNotBuiltError
+            names the command). See pipeline/engines/rtx_backend.py.
         """
         dtype = _one_dtype(dtype, torch_dtype)
         cache_dir = Path(cache_dir) if cache_dir is not None else None

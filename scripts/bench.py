@@ -396,6 +396,7 @@ class Setup:
                 device=self.device,
                 dtype=self.dtype,
                 cache_dir=cache_dir,
+                build=True,  # rtx: engines missing from this cache folder are built (load time includes it)
                 **options,
             ),
             self.device,

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 def prewarm(args: argparse.Namespace) -> ShippedCache:
     backend = choose_backend(args.backend, options.parse_device(args.device))
     # the torch backend persists compiled code only: compile on, wherever its default is off (CPU)
-    backend_options = {"compile": True} if backend == "torch" else {}
+    # rtx: build the engines if they are missing (a prewarm run is the place for it)
+    backend_options = {"compile": True} if backend == "torch" else {"build": True}
     with tempfile.TemporaryDirectory(prefix="prewarm-") as tmp:
         pipe = Pipeline.from_pretrained(
             args.model,

@@ -73,3 +73,37 @@ def tiny_engines(
         logging.getLogger(__name__).info("built %s engines in %.1f s", name, time.perf_counter() - start)
         out[name] = {"family": family, "source": source, "root": root, "engines": engines}
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8(
+    tmp_path_factory: pytest.TempPathFactory, tiny_flux: Path, tiny_sd: Path
+) -> dict[str, dict[str, Any]]:
+    """Each tiny denoiser as FP8 Q/DQ ONNX (Model Optimizer, calibrated on the CPU), built once for SM89 and
+    SM120 with weight streaming."""
+    from pipeline.export import export_model
+    from pipeline.export.engines import FP8_TARGETS, build_engines
+    from pipeline.export.fp8 import Fp8Method
+    from pipeline.export.onnx_export import Fp8Export
+
+    out = {}
+    for name, folder in (("flux", tiny_flux), ("sd", tiny_sd)):
+        root = tmp_path_factory.mktemp(f"fp8-{name}")
+        source = read_model(folder)
+        family = family_for(source)
+        size = 4 * family.granularity
+        fp8 = Fp8Export(
+            Fp8Method.MODELOPT, calibration_size=(size, size), calibration_prompts=2, calibration_steps=2
+        )
+        start = time.perf_counter()
+        onnx_path = export_model(source, root / "onnx", stages=[family.denoiser], fp8=fp8)[family.denoiser]
+        engines = build_engines(
+            family, root / "onnx", root / "engines", stages=[family.denoiser], targets=FP8_TARGETS,
+            shape_range=tiny_range(family),
+        )  # fmt: skip
+        logging.getLogger(__name__).info("fp8 %s: %.1f s", name, time.perf_counter() - start)
+        out[name] = {
+            "family": family, "source": source, "root": root, "onnx": onnx_path,
+            "engine": engines[family.denoiser],
+        }  # fmt: skip
+    return out

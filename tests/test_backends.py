@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import BackendUnavailableError, InvalidInputError, Pipeline
+from pipeline import BackendUnavailableError, EnginesNotBuiltError, InvalidInputError, Pipeline
 from pipeline.engines import choose_backend
 from pipeline.engines.rtx import rtx_supported
 from pipeline.engines.rtx_backend import default_shape_range
@@ -46,9 +46,30 @@ def test_first_use_engine_range_covers_the_default_size(tiny_flux: Path, tiny_sd
 def test_rtx_pipeline_matches_torch(model: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     folder = request.getfixturevalue(model)
     kwargs = {"height": 64, "width": 64, "num_inference_steps": 3, "seed": 1, "output_type": "np"}
-    with Pipeline.from_pretrained(folder, backend="rtx", dtype=torch.float16, cache_dir=tmp_path) as rtx:
+    with pytest.raises(EnginesNotBuiltError, match="python -m pipeline --build-engines --model"):
+        Pipeline.from_pretrained(folder, backend="rtx", dtype=torch.float16, cache_dir=tmp_path)
+    with Pipeline.from_pretrained(
+        folder, backend="rtx", dtype=torch.float16, cache_dir=tmp_path, build=True
+    ) as rtx:
         ours = rtx("a red fox", **kwargs).images
     assert (rtx.model_cache.runtime_cache_path).is_file()  # saved at close
     torch_pipe = Pipeline.from_pretrained(folder, backend="torch", dtype=torch.float16, cache_dir=tmp_path)
     ref = torch_pipe("a red fox", **kwargs).images
     assert np.abs(ours - ref).max() < 2e-2
+
+
+@pytest.mark.rtx
+@pytest.mark.skipif(not RTX_OK, reason=RTX_WHY)
+def test_rtx_fp8_low_vram_with_a_budget(tiny_sd: Path, tmp_path: Path) -> None:
+    """fp8 engines, stages cycled through the GPU, the denoiser streaming its weights: the same image
+    within fp8 of the torch pipeline."""
+    kwargs = {"height": 64, "width": 64, "num_inference_steps": 3, "seed": 1, "output_type": "np"}
+    free, _ = torch.cuda.mem_get_info()
+    options = {"precision": "fp8", "low_vram": True, "vram_budget": min(free / 1e9, 2.0), "build": True}
+    with Pipeline.from_pretrained(
+        tiny_sd, backend="rtx", dtype=torch.float16, cache_dir=tmp_path, **options
+    ) as rtx:
+        ours = rtx("a red fox", **kwargs).images
+        assert "low VRAM" in rtx.backend.describe()
+    ref = Pipeline.from_pretrained(tiny_sd, backend="torch", dtype=torch.float16, cache_dir=tmp_path)
+    assert np.abs(ours - ref("a red fox", **kwargs).images).max() < 5e-2

@@ -21,7 +21,7 @@ import pytest
 from conftest import tiny_range
 
 from pipeline.cache import file_lock, save_blob
-from pipeline.engines.rtx import ProfileGuard, RuntimeCache, trt
+from pipeline.engines.rtx import ProfileGuard, RuntimeCache, invalidity_reasons, trt
 from pipeline.errors import InvalidInputError, OutOfProfileError
 from pipeline.export.engines import (
     DEFAULT_TARGETS,
@@ -30,6 +30,7 @@ from pipeline.export.engines import (
     build_engines,
     build_engines_from_args,
     engine_dir_name,
+    onnx_sha256,
     parse_targets,
 )
 from pipeline.families import Family, ShapeRange
@@ -50,6 +51,11 @@ def test_every_stage_builds_for_portable_targets(built: dict[str, dict], family_
         assert meta["targets"] == list(DEFAULT_TARGETS) == ["sm86", "sm89", "sm120"]
         assert meta["tensorrt_rtx"] == trt.__version__
         assert meta["engine_bytes"] == path.stat().st_size
+        # the memory plan's inputs: precision, streaming, and what the builder reported
+        assert meta["precision"] == "fp32" and meta["weight_streaming"] is True
+        assert meta["denoiser"] is (stage == family.denoiser)
+        assert 0 < meta["weight_bytes"] <= meta["engine_bytes"]
+        assert meta["activation_bytes"] > 0 or stage == "text_encoder"
         # the profile is the family's, for every input the ONNX graph kept
         profile = family.profile(stage, tiny_range(family))
         assert meta["profile"] == {k: [list(s) for s in v] for k, v in sorted(profile.items())}
@@ -72,6 +78,7 @@ def one_stage(built: dict[str, dict], tmp_path: Path) -> tuple[Family, Path, Pat
     """A private copy of the tiny SD text encoder's ONNX and engine, to change and rebuild."""
     sd = built["sd"]
     shutil.copy(sd["root"] / "onnx" / "text_encoder.onnx", tmp_path / "text_encoder.onnx")
+    shutil.copy(sd["root"] / "onnx" / "manifest.json", tmp_path / "manifest.json")  # says its precision
     for suffix in (".engine", ".json"):
         shutil.copy(sd["engines"]["text_encoder"].with_suffix(suffix), tmp_path / f"text_encoder{suffix}")
     return sd["family"], tmp_path / "text_encoder.onnx", tmp_path / "text_encoder.engine"
@@ -118,12 +125,12 @@ def test_other_profile_or_flags_rebuild(one_stage, caplog: pytest.LogCaptureFixt
     )
     with caplog.at_level(logging.INFO, logger="pipeline.export.engines"):
         build_engine(onnx_path, stage, family.profile("text_encoder", wide), engine)
-        build_engine(onnx_path, stage, family.profile("text_encoder", wide), engine, weight_streaming=True)
-        build_engine(onnx_path, stage, family.profile("text_encoder", wide), engine, weight_streaming=True)
+        build_engine(onnx_path, stage, family.profile("text_encoder", wide), engine, weight_streaming=False)
+        build_engine(onnx_path, stage, family.profile("text_encoder", wide), engine, weight_streaming=False)
     reasons = _build_reasons(caplog)
     assert len(reasons) == 2
     assert reasons[0].endswith(": profile changed")
-    assert reasons[1].endswith(": weight_streaming changed (False -> True)")
+    assert reasons[1].endswith(": weight_streaming changed (True -> False)")
 
 
 def test_damaged_metadata_or_missing_engine_rebuilds(one_stage, caplog: pytest.LogCaptureFixture) -> None:
@@ -157,6 +164,32 @@ def test_targets_are_checked() -> None:
         parse_targets("sm86,sm90")
     with pytest.raises(InvalidInputError, match="current"):
         parse_targets("current,sm86")
+    with pytest.raises(InvalidInputError, match=r"its runtime refuses compute capability 7\.5.*drop it"):
+        parse_targets("sm75,sm86")
+
+
+def test_onnx_hash_is_remembered_until_the_file_changes(one_stage, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.cache.files as files
+
+    _, onnx_path, _ = one_stage
+    reads: list[Path] = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: reads.append(Path(p)) or real(p))
+    first = onnx_sha256(onnx_path)
+    assert onnx_sha256(onnx_path) == first and len(reads) == 1  # the second start reads nothing
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")  # another size, another mtime
+    assert onnx_sha256(onnx_path) != first and len(reads) == 2
+
+
+def test_engine_validity_diagnostics_say_whether_a_rebuild_helps() -> None:
+    flags = trt.EngineInvalidityDiagnostics
+    rebuild, blocking = invalidity_reasons(int(flags.VERSION_MISMATCH) | int(flags.UNSUPPORTED_CC))
+    assert rebuild == ["built by another TensorRT-RTX version", "not built for this GPU's compute capability"]
+    assert blocking == []
+    rebuild, blocking = invalidity_reasons(int(flags.INSUFFICIENT_GPU_MEMORY) | int(flags.OLD_CUDA_DRIVER))
+    assert rebuild == [] and any("update the driver" in b for b in blocking)
+    assert any("--low-vram" in b for b in blocking)
+    assert invalidity_reasons(int(flags.CUDA_ERROR))[1][0].startswith("CUDA reported an error")
 
 
 def test_cli_arguments_build_into_a_versioned_folder(built: dict[str, dict], tmp_path: Path) -> None:

@@ -312,3 +312,37 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def hash_sidecar(path: str | Path) -> Path:
+    """Where `remembered_sha256` keeps a file's hash: `.<name>.sha256` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.sha256")
+
+
+def _identity(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def remembered_sha256(path: str | Path) -> str:
+    """sha256 of a file, read once: remembered in a small sidecar by (size, mtime_ns, inode).
+
+    Hashing FLUX.1-dev's 23.8 GB of ONNX weights takes about a minute; a file whose size, modification time
+    and inode are unchanged is not read again. A sidecar that is missing, unreadable or describes another
+    state of the file means one fresh hash (and a new sidecar, where the folder is writable).
+    """
+    path = Path(path)
+    sidecar = hash_sidecar(path)
+    identity = _identity(path)
+    try:
+        known = json.loads(sidecar.read_text())
+        if isinstance(known, dict) and {k: known.get(k) for k in identity} == identity:
+            return str(known["sha256"])
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = sha256_file(path)
+    if _identity(path) == identity:  # not changed while it was read
+        with contextlib.suppress(OSError):
+            atomic_write_text(sidecar, json.dumps({**identity, "sha256": digest}))
+    return digest

@@ -52,8 +52,14 @@ def cache_info(
         engines = model_dir / "engines"
         if engines.is_dir():
             for folder in sorted(p for p in engines.iterdir() if p.is_dir()):
-                n = sum(1 for p in folder.glob("*.engine"))
-                lines.append(f"    engines [{folder.name}]: {n} engine(s), {_size(_tree_size(folder))}")
+                sets = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]
+                for engine_set in sets:
+                    n = sum(1 for p in engine_set.glob("*.engine"))
+                    if not n:
+                        continue
+                    name = folder.name if engine_set == folder else f"{folder.name}/{engine_set.name}"
+                    lines.append(f"    engines [{name}]: {n} engine(s), {_size(_tree_size(engine_set))}")
+                    lines += [f"      {line}" for line in _plan_lines(engine_set)]
         runtime = model_dir / "runtime"
         if runtime.is_dir():
             for file in sorted(runtime.glob("*.cache")):
@@ -76,6 +82,30 @@ def cache_info(
             f"  {entry.folder}: {entry.precision}, shapes {shapes or '-'}, {_size(size)}, {mark}{state}"
         )
     return "\n".join(lines)
+
+
+def _plan_lines(folder: Path) -> list[str]:
+    """The memory plan of an engine set from its `<stage>.json` files (pipeline/engines/memory.py)."""
+    import json
+
+    from ..engines.memory import MemoryPlan
+
+    metadata = {}
+    for meta_file in sorted(folder.glob("*.json")):
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(meta, dict)
+            and "weight_bytes" in meta
+            and (folder / f"{meta_file.stem}.engine").is_file()
+        ):
+            metadata[meta_file.stem] = meta
+    denoiser = next((n for n, meta in metadata.items() if meta.get("denoiser")), None)
+    if denoiser is None:
+        return []
+    return ["memory plan:", *(f"  {line}" for line in MemoryPlan.from_metadata(metadata, denoiser).lines())]
 
 
 def _describe_blob(path: Path, platform_key: str) -> str:

@@ -25,7 +25,7 @@ def _rtx_supported(device: torch.device) -> tuple[bool, str]:
         return False, f"tensorrt_rtx is not importable ({e})"
     if device.type != "cuda":
         return False, f"device is {device.type}, TensorRT-RTX needs a CUDA GPU"
-    return rtx_supported()
+    return rtx_supported(device)
 
 
 def choose_backend(backend: str, device: torch.device) -> str:
@@ -51,6 +51,13 @@ def create_backend(
         from .rtx_backend import RtxBackend
 
         return RtxBackend(family, device, dtype, **options)
+    from .rtx_backend import RTX_OPTIONS
     from .torch_engine import TorchBackend
 
+    # rtx-only options (a VRAM budget, engine targets) mean nothing to the torch backend: said, then dropped;
+    # build=True ("build what is missing") holds for it trivially
+    options.pop("build", None)
+    dropped = sorted(k for k in RTX_OPTIONS if options.pop(k, None) not in (None, False))
+    if dropped:
+        logger.warning("options %s apply to the rtx backend only; ignored", ", ".join(dropped))
     return TorchBackend(family, device, dtype, **options)

@@ -1,35 +1,46 @@
-"""TensorRT-RTX at run time: one engine per stage, one runtime cache per pipeline.
+"""TensorRT-RTX at run time: one engine per stage, one runtime cache and one activation buffer per pipeline.
 
 `RtxEngine` runs one stage as `engine(**tensors) -> {name: tensor}` with torch CUDA tensors, on the caller's
-current torch stream (`execute_async_v3`, no synchronize). Each engine has its own `IRuntimeConfig`: the
-dynamic-shape kernel specialization strategy (lazy by default: generic kernels at once, shape-specialized
-ones swapped in when compiled) and the CUDA graph strategy (whole-graph capture when `cuda_graphs`).
+current torch stream (`execute_async_v3`, no synchronize), on the engine's own device (`cuda:1` is honoured:
+deserialization, context creation and every call run under a device guard). Each engine has its own
+`IRuntimeConfig`:
 
-`RuntimeCache` is the one `IRuntimeCache` every stage shares: the kernels TensorRT-RTX JIT-compiled, read
-once from its file under a lock, written once at `save()` / `close()` / context exit (temp file + rename,
-under the lock). A corrupt file, or one from another GPU or TensorRT-RTX version, is one warning and a
-fresh cache, replaced on save. The file is pipeline.cache's container (magic, platform key, sha256).
+- dynamic-shape kernel specialization (lazy by default: generic kernels at once, shape-specialized ones
+  swapped in when compiled);
+- CUDA graphs (`cuda_graphs=True`): TensorRT-RTX's WHOLE_GRAPH_CAPTURE captures and replays a graph per
+  shape. A captured graph holds the tensor addresses it was captured with, so the engine owns one set of
+  static input and output buffers per shape: inputs are copied in, outputs are returned from them (valid
+  until the next call of that shape), as NVIDIA's demo does. Without CUDA graphs the caller's tensors are
+  bound directly (no copy);
+- device memory: USER_MANAGED when a `SharedDeviceMemory` is given (one activation buffer for every stage,
+  pipeline/engines/memory.py), else TensorRT-RTX's own static allocation;
+- weight streaming: `weight_budget_bytes` sets `weight_streaming_budget_v2` before the context exists;
+- deferred weights (`deferred=True`): the engine deserializes without its weights; `load_weights()` /
+  `unload_weights()` bring them on and off the GPU, so a low-VRAM pipeline cycles its stages through memory.
 
-Only the documented tensorrt_rtx 1.7 Python API is used. It runs on GPUs of compute capability 8.0, 8.6, 8.9
-and 12.x; `rtx_supported()` says whether this machine has one.
+`RuntimeCache` (rtx_cache.py) is the one `IRuntimeCache` every stage shares.
+
+Only the documented tensorrt_rtx 1.7 Python API is used, and every call that reports failure is checked. It
+runs on GPUs of compute capability 8.0, 8.6, 8.9 and 12.x; `rtx_supported(device)` says whether a device is one.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..cache import driver_problem, load_blob, platform_info, save_blob
-from ..errors import InvalidInputError, OutOfProfileError, PipelineError
+from ..errors import InvalidInputError, PipelineError
 from .base import Specialization
+from .profile_guard import ProfileGuard
+from .rtx_cache import RuntimeCache
 
 if TYPE_CHECKING:
     from ..families import Family, StageSpec
+    from .memory import SharedDeviceMemory
 
 try:
     import tensorrt_rtx as trt
@@ -41,26 +52,47 @@ else:
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "EngineUnusableError",
+    "ProfileGuard",
+    "RtxEngine",
+    "RuntimeCache",
+    "StaleEngineError",
+    "TrtLogger",
+    "check_validity",
+    "invalidity_reasons",
+    "rtx_supported",
+    "trt",
+]
+
 SUPPORTED_CC = ((8, 0), (8, 6), (8, 9))  # plus every 12.x
 
 
 class StaleEngineError(PipelineError):
-    """An engine file cannot run here (other TensorRT-RTX version, GPU, CUDA, or damaged): rebuild it."""
+    """An engine file cannot run here but a rebuild can fix it (other TensorRT-RTX version or GPU, damaged)."""
+
+
+class EngineUnusableError(PipelineError):
+    """An engine cannot run here and a rebuild would not help (GPU memory, driver, CUDA error)."""
 
 
 # ---- TensorRT-RTX logging -----------------------------------------------------------------------------------
 if trt is not None:
 
     class TrtLogger(trt.ILogger):
-        """Routes TensorRT-RTX messages to `logging` (debug) and keeps the errors for our own messages."""
+        """Routes TensorRT-RTX messages to `logging` (debug), keeps the errors for our own messages and the
+        builder's memory report (INFO lines naming memory) for the engine metadata."""
 
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.infos: list[str] = []
 
         def log(self, severity: Any, msg: str) -> None:
             if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
                 self.errors.append(msg)
+            elif severity == trt.ILogger.Severity.INFO and "Memory" in msg:
+                self.infos.append(msg)
             logger.debug("TensorRT-RTX [%s] %s", severity.name, msg)
 
         def last_error(self) -> str:
@@ -68,86 +100,62 @@ if trt is not None:
 
 
 # ---- can it run here ----------------------------------------------------------------------------------------
-def rtx_supported() -> tuple[bool, str]:
-    """(True, why) when tensorrt_rtx imports and the current CUDA GPU is one it runs on; else (False, why not)."""
+def rtx_supported(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """(True, why) when tensorrt_rtx imports and `device` (default: the current CUDA device) is a GPU it runs
+    on; else (False, why not)."""
     if trt is None:
         return False, f"tensorrt_rtx is not importable ({_IMPORT_ERROR})"
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible to torch"
-    major, minor = torch.cuda.get_device_capability()
-    name = torch.cuda.get_device_name()
+    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    if device.type != "cuda":
+        return False, f"device is {device.type}, TensorRT-RTX needs a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
     where = f"{name} (compute capability {major}.{minor})"
     if (major, minor) in SUPPORTED_CC or major == 12:
         return True, f"TensorRT-RTX {trt.__version__} runs on {where}"
     return False, f"TensorRT-RTX {trt.__version__} does not run on {where}; it needs 8.0, 8.6, 8.9 or 12.x"
 
 
-class RuntimeCache:
-    """The one TensorRT-RTX runtime cache shared by every stage of a pipeline, persisted in one file.
+# ---- can this engine run here -------------------------------------------------------------------------------
+# What each EngineInvalidityDiagnostics flag means for the user: can a rebuild with this machine's library,
+# for this GPU, help (True), or not (False: the message says what to do instead)?
+_REBUILD_HELPS = {
+    "VERSION_MISMATCH": (True, "built by another TensorRT-RTX version"),
+    "UNSUPPORTED_CC": (True, "not built for this GPU's compute capability"),
+    "MALFORMED_ENGINE": (True, "the file is damaged"),
+    "OLD_CUDA_RUNTIME": (True, "built against a newer CUDA runtime than this one"),
+    "OLD_CUDA_DRIVER": (False, "the NVIDIA driver is too old for it: update the driver"),
+    "INSUFFICIENT_GPU_MEMORY": (False, "the GPU has too little free memory for it: free GPU memory, or use "
+                                "fp8 engines, --low-vram or a --vram-budget"),
+    "CUDA_ERROR": (False, "CUDA reported an error while checking it: check the driver and the GPU "
+                   "(nvidia-smi)"),
+}  # fmt: skip
 
-    The file is read once here; the `IRuntimeCache` is created with the first engine's runtime config (the
-    API creates it from an `IRuntimeConfig`) and attached to every engine's config. `save()` writes it back
-    once; `close()` and leaving a `with` block save too.
-    """
 
-    def __init__(self, path: str | Path, key: str | None = None, driver_version: str | None = None) -> None:
-        self.path = Path(path)
-        if key is None:
-            info = platform_info("rtx", torch.device("cuda"))
-            key, driver_version = info.key, info.driver_version
-        self.key = key
-        self.driver_version = driver_version  # recorded on save; a cache needs a driver at least this new
-        self._blob = load_blob(
-            self.path, self.key, check=lambda h: driver_problem(h.meta.get("driver_version"), driver_version)
-        )
-        self._cache: Any = None  # trt.IRuntimeCache
-        self._owner: Any = None  # the IRuntimeConfig that created it, kept alive with it
-        self._closed = False
+def invalidity_reasons(diagnostics: int) -> tuple[list[str], list[str]]:
+    """Split an `EngineInvalidityDiagnostics` bit set into (reasons a rebuild fixes, reasons it does not)."""
+    rebuild, blocking = [], []
+    for name, flag in trt.EngineInvalidityDiagnostics.__members__.items():
+        if int(diagnostics) & int(flag):
+            helps, words = _REBUILD_HELPS.get(name, (False, name.lower().replace("_", " ")))
+            (rebuild if helps else blocking).append(words)
+    return rebuild, blocking
 
-    @property
-    def loaded_bytes(self) -> int:
-        return len(self._blob or b"")
 
-    def attach(self, runtime_config: Any) -> None:
-        """Make `runtime_config` (an IRuntimeConfig) use the shared cache, creating it on first use."""
-        if self._cache is None:
-            cache = runtime_config.create_runtime_cache()
-            if cache is None:
-                raise RuntimeError("TensorRT-RTX could not create a runtime cache")
-            if self._blob and not cache.deserialize(self._blob):
-                logger.warning(
-                    "runtime cache %s does not fit this GPU, driver or TensorRT-RTX version; "
-                    "starting a fresh one, replaced on save",
-                    self.path,
-                )
-                cache.reset()
-            self._cache, self._owner = cache, runtime_config
-            self._blob = None
-        if not runtime_config.set_runtime_cache(self._cache):
-            raise RuntimeError("TensorRT-RTX refused to attach the runtime cache to a runtime config")
-
-    def save(self) -> bool:
-        """Write the cache file (lock + atomic replace); False when nothing to save or it cannot be written."""
-        if self._cache is None:
-            return False
-        blob = bytes(memoryview(self._cache.serialize()))
-        meta = {"kind": "tensorrt_rtx runtime cache", "driver_version": self.driver_version}
-        if not save_blob(self.path, blob, self.key, meta=meta):
-            return False
-        logger.info("saved runtime cache (%.1f MB) to %s", len(blob) / 1e6, self.path)
-        return True
-
-    def close(self) -> None:
-        """Save once; later calls do nothing."""
-        if not self._closed:
-            self._closed = True
-            self.save()
-
-    def __enter__(self) -> RuntimeCache:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def check_validity(data: bytes | memoryview, path: str | Path = "engine") -> None:
+    """Raise unless `Runtime.get_engine_validity` says the engine can run here: StaleEngineError when a
+    rebuild can help, EngineUnusableError when it cannot (run under the engine's device guard)."""
+    runtime = trt.Runtime(TrtLogger())
+    validity, diagnostics = runtime.get_engine_validity(data)
+    if validity == trt.EngineValidity.INVALID:
+        rebuild, blocking = invalidity_reasons(int(diagnostics))
+        if blocking or not rebuild:
+            raise EngineUnusableError(f"{path} cannot run here: {'; '.join(blocking) or 'invalid'}")
+        raise StaleEngineError(f"{path} cannot run here ({', '.join(rebuild)}); rebuild it")
+    if validity == trt.EngineValidity.SUBOPTIMAL:
+        logger.info("%s runs here but may be slower than an engine built for this GPU", path)
 
 
 # ---- one stage ----------------------------------------------------------------------------------------------
@@ -164,113 +172,23 @@ def _torch_dtypes() -> dict[Any, torch.dtype]:
     }
 
 
-def check_validity(data: bytes | memoryview, path: str | Path = "engine") -> None:
-    """Raise StaleEngineError unless `Runtime.get_engine_validity` says the engine can run here."""
-    runtime = trt.Runtime(TrtLogger())
-    validity, diagnostics = runtime.get_engine_validity(data)
-    if validity == trt.EngineValidity.INVALID:
-        reasons = [
-            name.lower().replace("_", " ")
-            for name, flag in trt.EngineInvalidityDiagnostics.__members__.items()
-            if int(diagnostics) & int(flag)
-        ]
-        raise StaleEngineError(f"{path} cannot run here ({', '.join(reasons) or 'invalid'}); rebuild it")
-    if validity == trt.EngineValidity.SUBOPTIMAL:
-        logger.info("%s runs here but may be slower than an engine built for this GPU", path)
-
-
-class _DimWords:
-    """Turns a stage's dynamic dims into the words a user knows (pixels, images, tokens)."""
-
-    def __init__(self, family: Family | None) -> None:
-        self.scale: dict[str, float] = {}
-        if family is not None:
-            size = family.default_size
-            dims = family.dims(size, size, 1)
-            for name, value in dims.items():
-                if name.endswith(("_height", "_width")) and value:
-                    self.scale[name] = size / value
-                elif name == "image_tokens" and value:
-                    self.scale[name] = size * size / value
-
-    def describe(self, dim: str, value: int, lo: int, hi: int) -> str:
-        if dim in self.scale and dim.endswith(("_height", "_width")):
-            s = self.scale[dim]
-            word = "height" if dim.endswith("_height") else "width"
-            flag = "--max-size" if value > hi else "--min-size"
-            px = round(value * s)
-            return (
-                f"{word} {px} is outside the engine's {round(lo * s)}..{round(hi * s)} range; "
-                f"rebuild with {flag} {px}x{px} (or the size you need)"
-            )
-        if dim == "image_tokens" and dim in self.scale:
-            side = [round(math.sqrt(v * self.scale[dim])) for v in (value, lo, hi)]
-            flag = "--max-size" if value > hi else "--min-size"
-            return (
-                f"an image of about {side[0]}x{side[0]} pixels ({value} tokens) is outside the engine's "
-                f"{side[1]}x{side[1]}..{side[2]}x{side[2]} range ({lo}..{hi} tokens); "
-                f"rebuild with {flag} {side[0]}x{side[0]}"
-            )
-        if dim in ("batch", "unet_batch"):
-            what = "batch" if dim == "batch" else "denoiser batch (images x2 with guidance)"
-            return (
-                f"{what} {value} is outside the engine's {lo}..{hi} range; rebuild with a larger --max-batch"
-            )
-        if dim == "text_tokens":
-            return (
-                f"prompt length {value} tokens is outside the engine's {lo}..{hi} range; "
-                f"use a max_sequence_length in {lo}..{hi}"
-            )
-        return (
-            f"{dim} {value} is outside the engine's {lo}..{hi} range; rebuild the engine with a wider range"
-        )
-
-
-class ProfileGuard:
-    """Checks request shapes against an engine's optimization profile, before TensorRT-RTX sees them.
-
-    A shape outside the profile raises OutOfProfileError in the user's words (pixels, batch, tokens) with
-    what to rebuild with, instead of a TensorRT error trace.
-    """
-
-    def __init__(
-        self, stage: StageSpec, profile: Mapping[str, Sequence[Sequence[int]]], family: Family | None = None
-    ) -> None:
-        self.stage = stage
-        self.profile = {name: [tuple(s) for s in shapes] for name, shapes in profile.items()}
-        self._specs = {t.name: t for t in stage.inputs}
-        self._words = _DimWords(family)
-
-    def check(self, name: str, shape: Sequence[int]) -> None:
-        shape = tuple(shape)
-        lo, _, hi = self.profile[name]
-        spec = self._specs.get(name)
-        if len(shape) != len(lo):
-            raise InvalidInputError(
-                f"{self.stage.name} input {name} has shape {shape}, expected {len(lo)} dims"
-            )
-        for axis, value in enumerate(shape):
-            if lo[axis] <= value <= hi[axis]:
-                continue
-            dim = spec.shape[axis] if spec is not None and axis < len(spec.shape) else None
-            if isinstance(dim, str):
-                raise OutOfProfileError(
-                    f"{self.stage.name}: {self._words.describe(dim, value, lo[axis], hi[axis])}"
-                )
-            raise OutOfProfileError(
-                f"{self.stage.name} input {name} has shape {shape}; the engine takes {lo}..{hi}; "
-                "the ONNX and engine were made for another model configuration: re-export and rebuild"
-            )
+def _cuda_device(device: torch.device | str | None) -> torch.device:
+    """A CUDA device with its index (the current device when none is named)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        raise InvalidInputError(f"TensorRT-RTX engines run on a CUDA device, not {dev}")
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 class RtxEngine:
     """One stage as a TensorRT-RTX engine: `engine(**cuda_tensors) -> {output name: tensor}`.
 
-    Inputs are bound by name (`set_input_shape` + `set_tensor_address`); outputs are torch tensors the
-    engine owns and reuses while their shape stays the same, so a returned tensor is valid until the next
-    call. Engine outputs are matched to the stage's output names by name, else in order (ONNX cannot give
-    an output the name of an input, so the export may rename it). Work is enqueued on the current torch
-    stream; nothing synchronizes.
+    Inputs are bound by name (`set_input_shape` + `set_tensor_address`); outputs are tensors the engine owns
+    and reuses while their shape stays the same, so a returned tensor is valid until the next call. With CUDA
+    graphs the inputs are copied into static per-shape buffers first (see the module docstring). Engine
+    outputs are matched to the stage's output names by name, else in order (ONNX cannot give an output the
+    name of an input, so the export may rename it). Work is enqueued on the current torch stream; nothing
+    synchronizes.
     """
 
     def __init__(
@@ -282,44 +200,48 @@ class RtxEngine:
         specialization: Specialization | str = Specialization.LAZY,
         cuda_graphs: bool = False,
         family: Family | None = None,
+        device: torch.device | str | None = None,
         weight_budget_bytes: int | None = None,
+        memory: SharedDeviceMemory | None = None,
+        deferred: bool = False,
     ) -> None:
         if trt is None:
             raise RuntimeError(f"tensorrt_rtx is not importable ({_IMPORT_ERROR})")
         self.path = Path(path)
         self.stage = stage
+        self.device = _cuda_device(device)
         self.specialization = Specialization(specialization)
         self.cuda_graphs = cuda_graphs
+        self.memory = memory
+        self.deferred = deferred
         self._dtypes = _torch_dtypes()
         self._logger = TrtLogger()
+        # what load_weights() needs again (deferred engines keep their plan in host memory)
+        self._data: bytes | None = None
 
         data = self.path.read_bytes()
-        check_validity(data, self.path)
-        self.runtime = trt.Runtime(self._logger)
-        self.engine = self.runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise StaleEngineError(f"{self.path} cannot be loaded ({self._logger.last_error()}); rebuild it")
-        if weight_budget_bytes is not None and self.engine.streamable_weights_size > 0:
-            self.engine.weight_streaming_budget_v2 = weight_budget_bytes
-
-        self.runtime_config = self.engine.create_runtime_config()
-        strategy = trt.DynamicShapesKernelSpecializationStrategy
-        self.runtime_config.dynamic_shapes_kernel_specialization_strategy = {
-            Specialization.LAZY: strategy.LAZY,
-            Specialization.EAGER: strategy.EAGER,
-            Specialization.NONE: strategy.NONE,
-        }[self.specialization]
-        graphs = trt.CudaGraphStrategy
-        self.runtime_config.cuda_graph_strategy = (
-            graphs.WHOLE_GRAPH_CAPTURE if cuda_graphs else graphs.DISABLED
-        )
-        if cache is not None:
-            cache.attach(self.runtime_config)
-        self.context = self.engine.create_execution_context(self.runtime_config)
-        if self.context is None:
-            raise RuntimeError(
-                f"TensorRT-RTX could not create a context for {self.path}: {self._logger.last_error()}"
-            )
+        with torch.cuda.device(self.device):
+            check_validity(data, self.path)
+            self.runtime = trt.Runtime(self._logger)
+            self.runtime.defer_weights_loading = deferred
+            self.engine = self.runtime.deserialize_cuda_engine(data)
+            if self.engine is None:
+                raise StaleEngineError(
+                    f"{self.path} cannot be loaded ({self._logger.last_error()}); rebuild it"
+                )
+            if deferred:
+                self._data = data
+            self.weight_budget_bytes = self._set_weight_budget(weight_budget_bytes)
+            self.runtime_config = self._runtime_config(cache)
+            self.context = self.engine.create_execution_context(self.runtime_config)
+            if self.context is None:
+                raise RuntimeError(
+                    f"TensorRT-RTX could not create a context for {self.path}: {self._logger.last_error()}"
+                )
+            # V2: includes the weight-streaming scratch for the budget set above
+            self.device_memory_bytes = int(self.engine.device_memory_size_v2)
+            if memory is not None:
+                memory.bind(self.context, self.device_memory_bytes)
 
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
@@ -338,65 +260,209 @@ class RtxEngine:
             n: [tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0)] for n in self.inputs
         }
         self.guard = ProfileGuard(stage, self.profile, family)
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._warned_default_stream = False
+        self._shapes: dict[str, tuple[int, ...]] = {}  # input shapes the context was last given
+        self._buffers: dict[str, torch.Tensor] = {}  # outputs, reused while their shape stays
+        self._static: dict[tuple[tuple[int, ...], ...], dict[str, torch.Tensor]] = {}  # graphs: per shape
+        self._bound: tuple[tuple[int, ...], ...] | None = None  # the static set the context points at
+        self._checked_stream: int | None = None
+
+    # ---- construction helpers -------------------------------------------------------------------------
+    def _set_weight_budget(self, budget: int | None) -> int | None:
+        """Set `weight_streaming_budget_v2` (before any context exists); None when the engine streams none."""
+        streamable = int(self.engine.streamable_weights_size)
+        if budget is None or streamable <= 0:
+            if budget is not None:
+                logger.info("%s was built without weight streaming; its weights stay on the GPU", self.path)
+            return None
+        budget = max(0, min(int(budget), streamable))  # >= streamable: nothing is streamed
+        self.engine.weight_streaming_budget_v2 = budget
+        if int(self.engine.weight_streaming_budget_v2) != budget:
+            raise RuntimeError(
+                f"TensorRT-RTX did not take weight streaming budget {budget} for {self.path}: "
+                f"{self._logger.last_error()}"
+            )
+        if budget < streamable:
+            logger.info(
+                "%s: %.2f of %.2f GB of streamable weights on the GPU, the rest streamed each call",
+                self.stage.name,
+                budget / 1e9,
+                streamable / 1e9,
+            )
+        return budget
+
+    def _runtime_config(self, cache: RuntimeCache | None) -> Any:
+        config = self.engine.create_runtime_config()
+        strategy = trt.DynamicShapesKernelSpecializationStrategy
+        config.dynamic_shapes_kernel_specialization_strategy = {
+            Specialization.LAZY: strategy.LAZY,
+            Specialization.EAGER: strategy.EAGER,
+            Specialization.NONE: strategy.NONE,
+        }[self.specialization]
+        graphs = trt.CudaGraphStrategy
+        config.cuda_graph_strategy = graphs.WHOLE_GRAPH_CAPTURE if self.cuda_graphs else graphs.DISABLED
+        if self.memory is not None:
+            config.set_execution_context_allocation_strategy(
+                trt.ExecutionContextAllocationStrategy.USER_MANAGED
+            )
+        if cache is not None:
+            cache.attach(config)
+        return config
 
     def describe(self) -> str:
         graphs = "cuda graphs" if self.cuda_graphs else "no cuda graphs"
         return f"{self.stage.name}: TensorRT-RTX {trt.__version__}, {self.specialization.value}, {graphs}"
 
+    # ---- weights on and off the GPU (deferred engines) ----------------------------------------------------
+    @property
+    def weights_loaded(self) -> bool:
+        return self.engine is not None and bool(self.engine.weights_loaded)
+
+    def load_weights(self) -> None:
+        """Bring a deferred engine's weights onto the GPU (a no-op where they are)."""
+        if self.weights_loaded:
+            return
+        if self._data is None:
+            raise RuntimeError(f"{self.path} was not deserialized with deferred weights")
+        with torch.cuda.device(self.device):
+            if not self.engine.load_weights(self._data):
+                raise RuntimeError(
+                    f"TensorRT-RTX could not load the weights of {self.path}: {self._logger.last_error()}"
+                )
+
+    def unload_weights(self) -> None:
+        """Free a deferred engine's weights on the GPU, after the work queued on this stream is done."""
+        if not self.deferred or not self.weights_loaded:
+            return
+        with torch.cuda.device(self.device):
+            torch.cuda.current_stream(self.device).synchronize()  # no inference may be in flight
+            if not self.engine.unload_weights():
+                raise RuntimeError(
+                    f"TensorRT-RTX could not unload the weights of {self.path}: {self._logger.last_error()}"
+                )
+
+    # ---- a call ----------------------------------------------------------------------------------------
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         missing = [n for n in self.inputs if n not in inputs]
         if missing:
             raise TypeError(f"{self.stage.name} engine needs inputs {missing}")
-        keep = []  # contiguous copies stay referenced until enqueued; the stream orders their reuse
         for name in self.inputs:
             tensor = inputs[name]
-            shape = tuple(tensor.shape)
-            if self._shapes.get(name) != shape:
-                self.guard.check(name, shape)
-                if not self.context.set_input_shape(name, shape):
-                    raise RuntimeError(
-                        f"TensorRT-RTX rejected shape {shape} for {name}: {self._logger.last_error()}"
-                    )
-                self._shapes[name] = shape
             want = self._dtypes[self.engine.get_tensor_dtype(name)]
-            if tensor.dtype != want or not tensor.is_cuda:
+            if tensor.dtype != want or tensor.device != self.device:
                 raise TypeError(
-                    f"{self.stage.name} input {name} must be a CUDA {want} tensor, got {tensor.dtype} "
-                    f"on {tensor.device}"
+                    f"{self.stage.name} input {name} must be a {want} tensor on {self.device}, got "
+                    f"{tensor.dtype} on {tensor.device}"
                 )
+        with torch.cuda.device(self.device):
+            if self.deferred:
+                self.load_weights()
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            self._check_stream(stream)
+            keep: list[torch.Tensor] = []  # contiguous copies stay referenced until enqueued
+            out = self._bind_static(inputs) if self.cuda_graphs else self._bind_direct(inputs, keep)
+            if not self.context.execute_async_v3(stream):
+                raise RuntimeError(
+                    f"TensorRT-RTX failed to run {self.stage.name}: {self._logger.last_error()}"
+                )
+        return out
+
+    def _set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if self._shapes.get(name) == shape:
+            return
+        self.guard.check(name, shape)
+        if not self.context.set_input_shape(name, shape):
+            raise RuntimeError(f"TensorRT-RTX rejected shape {shape} for {name}: {self._logger.last_error()}")
+        self._shapes[name] = shape
+
+    def _set_address(self, name: str, tensor: torch.Tensor) -> None:
+        if not self.context.set_tensor_address(name, tensor.data_ptr()):
+            raise RuntimeError(
+                f"TensorRT-RTX refused the address of {self.stage.name}.{name}: {self._logger.last_error()}"
+            )
+
+    def _output_tensor(self, name: str) -> torch.Tensor:
+        shape = tuple(self.context.get_tensor_shape(name))
+        if any(d < 0 for d in shape):
+            raise RuntimeError(f"TensorRT-RTX could not infer the shape of {self.stage.name}.{name}: {shape}")
+        return torch.empty(shape, dtype=self._dtypes[self.engine.get_tensor_dtype(name)], device=self.device)
+
+    def _bind_direct(
+        self, inputs: Mapping[str, torch.Tensor], keep: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """No CUDA graphs: bind the caller's tensors (contiguous copies where needed), reuse the outputs.
+
+        A copy in `keep` must outlive the enqueue; after it, the caching allocator reuses its memory only in
+        this stream's order, after the engine has read it.
+        """
+        for name in self.inputs:
+            tensor = inputs[name]
+            self._set_shape(name, tuple(tensor.shape))
             if not tensor.is_contiguous():
                 tensor = tensor.contiguous()
                 keep.append(tensor)
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        device = inputs[self.inputs[0]].device
+            self._set_address(name, tensor)
         out: dict[str, torch.Tensor] = {}
         for stage_name, name in self.outputs.items():
-            shape = tuple(self.context.get_tensor_shape(name))
             buf = self._buffers.get(name)
+            shape = tuple(self.context.get_tensor_shape(name))
             if buf is None or tuple(buf.shape) != shape:
-                buf = torch.empty(
-                    shape, dtype=self._dtypes[self.engine.get_tensor_dtype(name)], device=device
-                )
-                self._buffers[name] = buf
-            self.context.set_tensor_address(name, buf.data_ptr())
+                buf = self._buffers[name] = self._output_tensor(name)
+            self._set_address(name, buf)
             out[stage_name] = buf
-        stream = torch.cuda.current_stream(device).cuda_stream
-        if stream == 0 and not self._warned_default_stream:
-            self._warned_default_stream = True
+        return out
+
+    def _bind_static(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """CUDA graphs: one set of static input/output buffers per shape; the inputs are copied in.
+
+        TensorRT-RTX captures a graph per shape over the addresses bound when it captures, so those
+        addresses must stay the same for every replay of that shape: they are this shape's static buffers.
+        """
+        key = tuple(tuple(inputs[n].shape) for n in self.inputs)
+        static = self._static.get(key)
+        if static is None:
+            for name, shape in zip(self.inputs, key, strict=True):
+                self._set_shape(name, shape)
+            static = {
+                name: torch.empty(shape, dtype=inputs[name].dtype, device=self.device)
+                for name, shape in zip(self.inputs, key, strict=True)
+            }
+            static |= {name: self._output_tensor(name) for name in self.outputs.values()}
+            self._static[key] = static
+            self._bound = None
+        if self._bound != key:
+            for name, shape in zip(self.inputs, key, strict=True):
+                self._set_shape(name, shape)
+            for name, tensor in static.items():
+                self._set_address(name, tensor)
+            self._bound = key
+        for name in self.inputs:
+            static[name].copy_(inputs[name], non_blocking=True)
+        return {stage_name: static[name] for stage_name, name in self.outputs.items()}
+
+    def _check_stream(self, stream: int) -> None:
+        """Once per stream: warn where TensorRT-RTX will synchronize or cannot capture a graph."""
+        if self._checked_stream == stream:
+            return
+        self._checked_stream = stream
+        if stream == 0:
             logger.warning(
                 "%s runs on the legacy default CUDA stream: TensorRT-RTX then synchronizes around each call "
                 "and cannot capture CUDA graphs; run the pipeline under torch.cuda.stream(torch.cuda.Stream())",
                 self.stage.name,
             )
-        if not self.context.execute_async_v3(stream):
-            raise RuntimeError(f"TensorRT-RTX failed to run {self.stage.name}: {self._logger.last_error()}")
-        return out
+        elif self.cuda_graphs and not self.context.is_stream_capturable(stream):
+            logger.warning(
+                "%s cannot be captured in a CUDA graph on this stream; TensorRT-RTX runs it without one",
+                self.stage.name,
+            )
 
     def close(self) -> None:
-        """Release the context and engine (GPU memory); the runtime cache is saved by its owner."""
+        """Release the context, the static buffers and the engine (GPU memory); the runtime cache is saved
+        by its owner."""
+        if self.memory is not None and self.context is not None:
+            self.memory.unbind(self.context)
         self._buffers.clear()
+        self._static.clear()
+        self._data = None
         self.context = None
         self.engine = None

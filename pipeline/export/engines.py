@@ -2,12 +2,17 @@
 
 ONNX -> strongly typed network -> one optimization profile (from the family spec) -> serialized engine for
 a list of compute capabilities. Naming the capabilities is what lets the build run without a GPU; the
-default targets (SM86, SM89, SM120) cover RTX 30/40/50, SM80 and SM75 are added on request, and `current`
-builds for the GPU of the building machine only.
+default targets (SM86, SM89, SM120) cover RTX 30/40/50, fp8 engines default to SM89 and SM120 (FP8 needs
+compute capability 8.9), SM80 is added on request, and `current` builds for the building machine's GPU.
+SM75 is refused: TensorRT-RTX 1.7 builds for it, but its runtime refuses compute capability 7.5.
 
-Beside each `<stage>.engine` lies `<stage>.json`: ONNX sha256, profile, targets, flags and TensorRT-RTX
-version. A build is skipped while that metadata matches the request; otherwise the engine is rebuilt and one
-log line says which field changed.
+Engines are built with WEIGHT_STREAMING by default: at run time a budget decides how much of the weights
+stay on the GPU (all of them by default), so one engine serves a 32 GB and a 16 GB card.
+
+Beside each `<stage>.engine` lies `<stage>.json`: ONNX sha256, profile, targets, flags, precision,
+TensorRT-RTX version, and the memory the build reported (weights, activations), which is the stage's part of
+the memory plan (pipeline/engines/memory.py) checked before anything loads. A build is skipped while that
+metadata matches the request; otherwise the engine is rebuilt and one log line says which field changed.
 """
 
 from __future__ import annotations
@@ -16,12 +21,17 @@ import argparse
 import hashlib
 import json
 import logging
+import re
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import atomic_write_bytes, file_lock, sha256_file, sweep_temps
+from tqdm.auto import tqdm
+
+from ..cache import atomic_write_bytes, file_lock, remembered_sha256, sweep_temps
 from ..engines.rtx import TrtLogger, trt
 from ..errors import InvalidInputError, PipelineError
 from ..families import Family, ShapeRange, StageSpec
@@ -29,9 +39,15 @@ from ..options import parse_size
 
 logger = logging.getLogger(__name__)
 
-METADATA_FORMAT = 1
+METADATA_FORMAT = 2
 DEFAULT_TARGETS: tuple[str, ...] = ("sm86", "sm89", "sm120")
-TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121", "current")
+FP8_TARGETS: tuple[str, ...] = ("sm89", "sm120")  # FP8 tensor cores: compute capability 8.9 and newer
+TARGETS = ("sm80", "sm86", "sm89", "sm120", "sm121", "current")
+_REFUSED = {
+    "sm75": "TensorRT-RTX 1.7 builds for SM75 but its runtime refuses compute capability 7.5 "
+    "(it runs on 8.0, 8.6, 8.9 and 12.x)"
+}
+_NO_FP8 = ("sm80", "sm86")
 
 Profile = Mapping[str, tuple[tuple[int, ...], ...]]  # input name -> (min, opt, max) shapes
 
@@ -44,6 +60,9 @@ def parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
     """'sm86,sm89' or ['SM86', 'sm89'] -> ('sm86', 'sm89'); unknown names raise InvalidInputError."""
     items = targets.split(",") if isinstance(targets, str) else list(targets)
     names = tuple(dict.fromkeys(t.strip().lower() for t in items if t.strip()))
+    for name in names:
+        if name in _REFUSED:
+            raise InvalidInputError(f"target {name}: {_REFUSED[name]}; drop it")
     unknown = [t for t in names if t not in TARGETS]
     if unknown or not names:
         raise InvalidInputError(
@@ -69,8 +88,26 @@ def external_data_files(model: Any) -> list[str]:
     )
 
 
+def check_precision_targets(precision: str, targets: Sequence[str]) -> None:
+    """fp8 engines need FP8 tensor cores (compute capability 8.9+): refuse older named targets."""
+    old = [t for t in targets if t in _NO_FP8]
+    if precision == "fp8" and old:
+        raise InvalidInputError(
+            f"fp8 engines need compute capability 8.9 or newer; drop {', '.join(old)} from the targets "
+            f"(e.g. --targets {','.join(FP8_TARGETS)}) or build with --precision bf16"
+        )
+
+
+def default_targets(precision: str | None) -> tuple[str, ...]:
+    return FP8_TARGETS if precision == "fp8" else DEFAULT_TARGETS
+
+
 def onnx_sha256(onnx_path: str | Path) -> str:
-    """sha256 over the ONNX file and the external-data files it names (in name order)."""
+    """sha256 over the ONNX file and the external-data files it names (in name order).
+
+    Each file's hash is remembered beside it by (size, mtime_ns, inode): a start that finds FLUX's 23.8 GB of
+    external data unchanged does not read it again.
+    """
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -78,14 +115,28 @@ def onnx_sha256(onnx_path: str | Path) -> str:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError):  # not ONNX: hash the bytes; the parser says what is wrong
-        return sha256_file(path)
+        return remembered_sha256(path)
     data_files = external_data_files(model)
     if not data_files:
-        return sha256_file(path)
+        return remembered_sha256(path)
     digest = hashlib.sha256()
     for file in (path, *(path.parent / name for name in data_files)):
-        digest.update(f"{file.name}:{sha256_file(file)}\n".encode())
+        digest.update(f"{file.name}:{remembered_sha256(file)}\n".encode())
     return digest.hexdigest()
+
+
+def onnx_weights(onnx_path: str | Path) -> tuple[int, int]:
+    """(total, largest) bytes of an ONNX file's initializers, read from the graph alone (no weights loaded)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    sizes = []
+    for tensor in model.graph.initializer:
+        count = 1
+        for d in tensor.dims:
+            count *= d
+        sizes.append(count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+    return sum(sizes), max(sizes, default=0)
 
 
 def engine_metadata(
@@ -93,6 +144,7 @@ def engine_metadata(
     profile: Profile,
     targets: Sequence[str],
     weight_streaming: bool,
+    precision: str = "unknown",
     refittable: bool = False,
 ) -> dict[str, Any]:
     """What an engine is built from; a change in any field means a rebuild."""
@@ -105,8 +157,38 @@ def engine_metadata(
         "targets": list(targets),
         "weight_streaming": weight_streaming,
         "strongly_typed": True,
+        "precision": precision,
         **refit,
     }
+
+
+_REPORT_PATTERNS = {  # TensorRT-RTX 1.7's INFO lines at the end of a build
+    "activation_bytes": re.compile(r"Total Activation Memory: (\d+) bytes"),
+    "weights_bytes": re.compile(r"Total Weights Memory: (\d+) bytes"),
+    "scratch_bytes": re.compile(r"Max Scratch Memory: (\d+) bytes"),
+    "device_persistent_bytes": re.compile(r"Total Device Persistent Memory: (\d+) bytes"),
+}
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What TensorRT-RTX's builder says about an engine's device memory (its INFO log; the largest value
+    over the targets). Activation memory is for the profile's largest shapes; 0 where it said nothing."""
+
+    activation_bytes: int = 0
+    weights_bytes: int = 0
+    scratch_bytes: int = 0
+    device_persistent_bytes: int = 0
+
+    @classmethod
+    def parse(cls, messages: Iterable[str]) -> BuildReport:
+        found = dict.fromkeys(_REPORT_PATTERNS, 0)
+        for message in messages:
+            for key, pattern in _REPORT_PATTERNS.items():
+                match = pattern.search(message)
+                if match:
+                    found[key] = max(found[key], int(match.group(1)))
+        return cls(**found)
 
 
 def _why_rebuild(old: dict[str, Any] | None, new: dict[str, Any], engine_path: Path) -> str | None:
@@ -120,7 +202,7 @@ def _why_rebuild(old: dict[str, Any] | None, new: dict[str, Any], engine_path: P
         if old.get(key) != value:
             if key == "onnx_sha256":
                 changes.append("ONNX changed")
-            elif key in ("targets", "tensorrt_rtx", "weight_streaming", "refittable"):
+            elif key in ("targets", "tensorrt_rtx", "weight_streaming", "precision", "refittable"):
                 changes.append(f"{key} changed ({old.get(key)} -> {value})")
             else:
                 changes.append(f"{key} changed")
@@ -138,7 +220,35 @@ def _read_metadata(path: Path) -> dict[str, Any] | None:
 def _set_targets(config: Any, targets: Sequence[str]) -> None:
     config.num_compute_capabilities = len(targets)
     for i, name in enumerate(targets):
-        config.set_compute_capability(getattr(trt.ComputeCapability, name.upper()), i)
+        if not config.set_compute_capability(getattr(trt.ComputeCapability, name.upper()), i):
+            raise EngineBuildError(
+                f"TensorRT-RTX {trt.__version__} refused compute capability {name} as build target {i}; "
+                f"choose from {', '.join(TARGETS)}"
+            )
+
+
+class _BuildProgress(trt.IProgressMonitor if trt is not None else object):  # type: ignore[misc]
+    """TensorRT-RTX's build phases, shown on a progress bar's postfix (the builder calls from its threads)."""
+
+    def __init__(self, bar: Any) -> None:
+        trt.IProgressMonitor.__init__(self)
+        self.bar = bar
+        self._lock = threading.Lock()
+        self._phases: list[str] = []
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        with self._lock:
+            self._phases.append(phase_name)
+            self.bar.set_postfix_str(phase_name, refresh=True)
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        return True  # never cancel
+
+    def phase_finish(self, phase_name: str) -> None:
+        with self._lock:
+            if phase_name in self._phases:
+                self._phases.remove(phase_name)
+            self.bar.set_postfix_str(self._phases[-1] if self._phases else "", refresh=True)
 
 
 def build_serialized(
@@ -146,11 +256,12 @@ def build_serialized(
     profile: Profile,
     *,
     targets: Sequence[str] = DEFAULT_TARGETS,
-    weight_streaming: bool = False,
+    weight_streaming: bool = True,
+    progress: Any = None,
     refittable: bool = False,
-) -> bytes:
-    """Parse an ONNX file and build a serialized TensorRT-RTX engine (no files written).
-
+) -> tuple[bytes, BuildReport]:
+    """Parse an ONNX file and build a serialized TensorRT-RTX engine (no files written); with what the
+    builder reported about its memory. `progress`: a tqdm bar whose postfix shows the build phase.
     refittable: the weights a LoRA can change are refittable (engines/rtx_refit.py; needs a CUDA GPU)."""
     trt_logger = TrtLogger()
     builder = trt.Builder(trt_logger)
@@ -183,10 +294,13 @@ def build_serialized(
         from ..engines.rtx_refit import make_refittable
 
         make_refittable(network, config, onnx_path)
+    monitor = _BuildProgress(progress) if progress is not None else None
+    if monitor is not None:
+        config.progress_monitor = monitor
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT-RTX could not build {onnx_path}: {trt_logger.last_error()}")
-    return bytes(serialized)
+    return bytes(serialized), BuildReport.parse(trt_logger.infos)
 
 
 def build_engine(
@@ -196,9 +310,12 @@ def build_engine(
     out_path: str | Path,
     *,
     targets: Sequence[str] = DEFAULT_TARGETS,
-    weight_streaming: bool = False,
+    weight_streaming: bool = True,
+    precision: str | None = None,
     refittable: bool = False,
     force: bool = False,
+    progress: Any = None,
+    denoiser: bool = False,
 ) -> Path:
     """Build `out_path` (<stage>.engine) from one stage ONNX unless its metadata (<stage>.json) matches.
 
@@ -211,34 +328,63 @@ def build_engine(
             f"no ONNX for stage {stage_spec.name} at {onnx_path}; run python -m export first"
         )
     targets = parse_targets(targets)
+    precision = precision or stage_precision(onnx_path.parent, stage_spec.name)
+    check_precision_targets(precision, targets)
     meta_path = out_path.with_suffix(".json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sweep_temps(out_path.parent)  # what killed builds left
     # builds of one engine take turns: a second process waits (saying for whom), then finds it up to date
     with file_lock(out_path, None, purpose=f"building the {stage_spec.name} TensorRT-RTX engine"):
-        meta = engine_metadata(onnx_path, profile, targets, weight_streaming, refittable)
+        meta = engine_metadata(onnx_path, profile, targets, weight_streaming, precision, refittable)
         reason = "forced" if force else _why_rebuild(_read_metadata(meta_path), meta, out_path)
         if reason is None:
             logger.info("%s engine is up to date (%s)", stage_spec.name, out_path)
             return out_path
         logger.info("building %s engine for %s: %s", stage_spec.name, ",".join(targets), reason)
         start = time.perf_counter()
-        data = build_serialized(
-            onnx_path, profile, targets=targets, weight_streaming=weight_streaming, refittable=refittable
+        data, report = build_serialized(
+            onnx_path,
+            profile,
+            targets=targets,
+            weight_streaming=weight_streaming,
+            progress=progress,
+            refittable=refittable,
         )
         atomic_write_bytes(out_path, data)
-        meta["build_seconds"] = round(time.perf_counter() - start, 2)
-        meta["engine_bytes"] = len(data)
-        meta["stage"] = stage_spec.name
+        onnx_total, onnx_largest = onnx_weights(onnx_path)
+        meta.update(
+            stage=stage_spec.name,
+            denoiser=denoiser,
+            build_seconds=round(time.perf_counter() - start, 2),
+            engine_bytes=len(data),
+            # the memory plan's inputs (pipeline/engines/memory.py): what the builder reported where it did
+            weight_bytes=report.weights_bytes or onnx_total,
+            activation_bytes=report.activation_bytes,
+            scratch_bytes=report.scratch_bytes,
+            device_persistent_bytes=report.device_persistent_bytes,
+            onnx_weight_bytes=onnx_total,
+            largest_weight_bytes=onnx_largest,
+        )
         atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
         logger.info(
-            "built %s engine in %.1f s, %.1f MB: %s",
+            "built %s engine (%s) in %.1f s: %.1f MB engine, %.1f MB weights, %.1f MB activations: %s",
             stage_spec.name,
+            precision,
             meta["build_seconds"],
             len(data) / 1e6,
+            meta["weight_bytes"] / 1e6,
+            report.activation_bytes / 1e6,
             out_path,
         )
     return out_path
+
+
+def stage_precision(onnx_dir: str | Path, stage: str) -> str:
+    """A stage's precision as its export manifest says (fp8, bf16, fp16, fp32), or 'unknown'."""
+    from .onnx_export import read_manifest
+
+    entry = read_manifest(onnx_dir).get(stage) or {}
+    return str(entry.get("precision") or entry.get("dtype") or "unknown")
 
 
 def build_engines(
@@ -247,15 +393,20 @@ def build_engines(
     out_dir: str | Path,
     *,
     stages: Iterable[str] | None = None,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    targets: Sequence[str] | None = None,
     shape_range: ShapeRange = ShapeRange(),  # noqa: B008 (frozen dataclass)
-    weight_streaming: bool = False,
+    weight_streaming: bool = True,
     refittable: bool = False,
     force: bool = False,
+    progress: bool = True,
 ) -> dict[str, Path]:
     """Build `out_dir/<stage>.engine` from `onnx_dir/<stage>.onnx` for every (or the named) stage.
 
-    refittable: the stages a LoRA can change are built refittable (engines/rtx_refit.py)."""
+    Each stage's precision comes from the export manifest; targets default to the portable set for that
+    precision. A progress bar shows the stage and TensorRT-RTX's build phase; each built engine is one log
+    line with its time and sizes. refittable: the stages a LoRA can change are built refittable
+    (engines/rtx_refit.py).
+    """
     names = list(stages) if stages is not None else list(family.stages)
     unknown = [s for s in names if s not in family.stages]
     if unknown:
@@ -266,17 +417,24 @@ def build_engines(
 
         refit = set(lora_stages(family).values())
     out = {}
-    for name in names:
-        out[name] = build_engine(
-            Path(onnx_dir) / f"{name}.onnx",
-            family.stages[name],
-            family.profile(name, shape_range),
-            Path(out_dir) / f"{name}.engine",
-            targets=targets,
-            weight_streaming=weight_streaming,
-            refittable=name in refit,
-            force=force,
-        )
+    with tqdm(total=len(names), desc="engines", unit="stage", disable=not progress, leave=False) as bar:
+        for name in names:
+            bar.set_description(f"engine {name}")
+            precision = stage_precision(onnx_dir, name)
+            out[name] = build_engine(
+                Path(onnx_dir) / f"{name}.onnx",
+                family.stages[name],
+                family.profile(name, shape_range),
+                Path(out_dir) / f"{name}.engine",
+                targets=targets or default_targets(precision),
+                weight_streaming=weight_streaming,
+                precision=precision,
+                refittable=name in refit,
+                force=force,
+                progress=bar if progress else None,
+                denoiser=name == family.denoiser,
+            )
+            bar.update(1)
     return out
 
 
@@ -317,9 +475,10 @@ def build_engines_from_args(args: argparse.Namespace, family: Family, out_dir: s
 
     `<set>` is `engine_dir_name(targets)` (TensorRT-RTX version + targets), so engines for different targets
     or library versions live side by side. Reads --targets, --min-size/--opt-size/--max-size, --max-batch,
-    and --weight-streaming / --force / --stages where the CLI defines them.
+    and --weight-streaming / --force / --stages / --precision where the CLI defines them.
     """
-    targets = parse_targets(getattr(args, "targets", None) or DEFAULT_TARGETS)
+    precision = getattr(args, "precision", None)
+    targets = parse_targets(getattr(args, "targets", None) or default_targets(precision))
     stages = getattr(args, "stages", None)
     if isinstance(stages, str):
         stages = [s.strip() for s in stages.split(",") if s.strip()]
@@ -330,6 +489,27 @@ def build_engines_from_args(args: argparse.Namespace, family: Family, out_dir: s
         stages=stages,
         targets=targets,
         shape_range=shape_range_from_args(args, family),
-        weight_streaming=bool(getattr(args, "weight_streaming", False)),
+        weight_streaming=bool(getattr(args, "weight_streaming", True)),
         force=bool(getattr(args, "force", False)),
+        progress=bool(getattr(args, "progress", False)),
     )
+
+
+def engine_summary(paths: Mapping[str, Path]) -> str:
+    """A table of built engines from their metadata: precision, sizes, activations, build time."""
+    rows = [("stage", "precision", "engine MB", "weights MB", "activations MB", "streams", "build s")]
+    for name, path in paths.items():
+        meta = _read_metadata(path.with_suffix(".json")) or {}
+        rows.append(
+            (
+                name,
+                str(meta.get("precision", "?")),
+                f"{meta.get('engine_bytes', 0) / 1e6:.1f}",
+                f"{meta.get('weight_bytes', 0) / 1e6:.1f}",
+                f"{meta.get('activation_bytes', 0) / 1e6:.1f}",
+                "yes" if meta.get("weight_streaming") else "no",
+                f"{meta.get('build_seconds', 0):.1f}" if "build_seconds" in meta else "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,43 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _identity(source: ModelSource, spec: StageSpec, dtype: torch.dtype, opset: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Fp8Export:
+    """How the denoiser is written in fp8 (pipeline/export/fp8.py); the other stages keep the model dtype."""
+
+    method: Any  # fp8.Fp8Method
+    calibration_size: tuple[int, int] | None = None  # (height, width); default: the model's size
+    calibration_prompts: int = 4
+    calibration_steps: int = 4
+
+    def identity(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"fp8_method": str(self.method)}
+        if str(self.method) == "modelopt":
+            out["calibration"] = [
+                list(self.calibration_size or ()),
+                self.calibration_prompts,
+                self.calibration_steps,
+            ]
+        return out
+
+
+def stage_precision(family: Family, spec: StageSpec, dtype: torch.dtype, fp8: Fp8Export | None) -> str:
+    return "fp8" if fp8 is not None and spec.name == family.denoiser else dtype_name(dtype)
+
+
+def _identity(
+    source: ModelSource,
+    spec: StageSpec,
+    dtype: torch.dtype,
+    opset: int,
+    precision: str | None = None,
+    fp8: Fp8Export | None = None,
+) -> dict[str, Any]:
     """Everything that decides an export's content; a manifest entry matches when all of it is equal."""
-    return {
+    extra: dict[str, Any] = {"precision": precision or dtype_name(dtype)}
+    if precision == "fp8" and fp8 is not None:
+        extra.update(fp8.identity())
+    return extra | {
         "inputs": [_tensor_entry(t, dtype) for t in spec.inputs],
         "outputs": [
             _tensor_entry(t, dtype, n) for t, n in zip(spec.outputs, onnx_output_names(spec), strict=True)
@@ -254,11 +289,13 @@ def _optimize(model: Any) -> None:
 
 
 def _make_initializers_contiguous(model: Any) -> None:
-    """Give every strided numpy initializer a contiguous copy, one at a time, before saving.
+    """Give every strided numpy initializer a contiguous copy, made when it is written, one at a time.
 
     The optimizer folds `Transpose(weight)` into initializers that are numpy views; `ndarray.tofile` writes a
     strided array element by element, which made writing FLUX's 24 GB of external data 3x slower than
-    copying each such tensor first. The bytes written are the same.
+    copying each such tensor first. The bytes written are the same. The copy is lazy (made by `ir.save` as it
+    writes that tensor, then dropped): copying them all up front held the weights in RAM twice (a 2.05 GB
+    FLUX with 2+2 blocks peaked at 4.05 GB RSS exporting on the CPU).
     """
     import numpy as np
 
@@ -266,8 +303,12 @@ def _make_initializers_contiguous(model: Any) -> None:
         tensor = value.const_value
         raw = getattr(tensor, "raw", None)
         if isinstance(raw, np.ndarray) and not raw.flags.c_contiguous:
-            value.const_value = ir.Tensor(
-                np.ascontiguousarray(raw), name=tensor.name, doc_string=tensor.doc_string
+
+            def contiguous(raw: np.ndarray = raw, name: str | None = tensor.name) -> ir.Tensor:
+                return ir.Tensor(np.ascontiguousarray(raw), name=name)
+
+            value.const_value = ir.LazyTensor(
+                contiguous, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name
             )
 
 
@@ -284,10 +325,29 @@ def _write_stage(
     dtype: torch.dtype,
     opset: int,
     device: torch.device | str,
+    fp8: Fp8Export | None = None,
 ) -> dict[str, Any]:
     """Trace, convert and write one stage; returns the file facts of its manifest entry."""
+    from . import fp8 as fp8_ops
+
     start = time.perf_counter()
     module = source.load_component(spec.component, dtype, device)
+    fp8 = fp8 if fp8 is not None and spec.name == family.denoiser else None
+    table = custom_translations()
+    trace_context: Any = contextlib.nullcontext()
+    if fp8 is not None and fp8.method is fp8_ops.Fp8Method.MODELOPT:
+        loop = fp8_ops.calibration_loop(
+            family,
+            source,
+            torch.device(device),
+            dtype,
+            size=fp8.calibration_size or (family.default_size, family.default_size),
+            prompts=fp8_ops.CALIBRATION_PROMPTS[: fp8.calibration_prompts],
+            steps=fp8.calibration_steps,
+        )
+        module = fp8_ops.quantize_with_modelopt(module, family.fp8_modules, loop)
+        table |= fp8_ops.translations()
+        trace_context = fp8_ops.export_context()
     dims = trace_dims(family)
     inputs = spec.example_inputs(
         dims, dtype, device, generator=torch.Generator().manual_seed(0), int_high=_int_high(module)
@@ -303,7 +363,7 @@ def _write_stage(
         dtype_name(dtype),
         ", ".join(f"{k}={v}" for k, v in dims.items() if k in spec.dim_names),
     )
-    with torch.no_grad():
+    with torch.no_grad(), trace_context:
         program = torch.onnx.export(
             StageModule(spec, module).eval(),
             tuple(inputs[name] for name in spec.input_names),
@@ -314,9 +374,17 @@ def _write_stage(
             dynamo=True,
             optimize=False,  # _optimize below: the exporter's optimizer is quadratic in graph size
             verbose=False,
-            custom_translation_table=custom_translations(),
+            custom_translation_table=table,
         )
+    if fp8 is not None and fp8.method is fp8_ops.Fp8Method.WEIGHT_ONLY:
+        n = fp8_ops.insert_weight_qdq(program.model, family.fp8_modules)
+        logger.info("%s: fp8 weight-only Q/DQ on %d Linear weights", spec.name, n)
     _optimize(program.model)
+    if fp8 is not None:
+        folded = fp8_ops.fold_weight_qdq(program.model)
+        if not folded:
+            raise InvalidInputError(f"{spec.name}: fp8 quantized no weight (patterns {family.fp8_modules})")
+        logger.info("%s: %d weights stored as FP8 (%s)", spec.name, folded, fp8.method)
     _rename_output_dims(program, spec)
     _make_initializers_contiguous(program.model)
     converted = time.perf_counter()
@@ -363,10 +431,12 @@ def _export_stage(
     opset: int,
     force: bool,
     device: torch.device | str,
+    fp8: Fp8Export | None = None,
 ) -> Path:
     spec = family.stages[stage]
     dtype = family.stage_dtype(stage, dtype)  # the stage's own dtype (SDXL: an fp32 VAE in an fp16 export)
-    identity = _identity(source, spec, dtype, opset)
+    precision = stage_precision(family, spec, dtype, fp8)
+    identity = _identity(source, spec, dtype, opset, precision, fp8)
     entry = read_manifest(out_dir).get(stage)
     if entry is not None and not force:
         problem = entry_problem(out_dir, entry, identity)
@@ -376,7 +446,9 @@ def _export_stage(
         logger.info("%s: re-exporting, %s", stage, problem)
     # From here until the new entry is written, no entry vouches for this stage's files.
     _set_entry(out_dir, stage, None)
-    facts = _write_stage(source, family, spec, out_dir, dtype, opset, device)
+    facts = _write_stage(
+        source, family, spec, out_dir, dtype, opset, device, fp8 if precision == "fp8" else None
+    )
     _set_entry(out_dir, stage, {**facts, **identity, "model_id": source.model_id})
     return out_dir / facts["file"]
 
@@ -403,10 +475,20 @@ def export_stage(
     opset: int | None = None,
     force: bool = False,
     device: torch.device | str = "cpu",
+    fp8: Fp8Export | None = None,
+    progress: bool = True,
 ) -> Path:
     """Export one stage to `out_dir/<stage>.onnx` (skipped when the manifest entry matches); its path."""
     return export_model(
-        source_or_model, out_dir, stages=[stage], dtype=dtype, opset=opset, force=force, device=device
+        source_or_model,
+        out_dir,
+        stages=[stage],
+        dtype=dtype,
+        opset=opset,
+        force=force,
+        device=device,
+        fp8=fp8,
+        progress=progress,
     )[stage]
 
 
@@ -419,11 +501,16 @@ def export_model(
     opset: int | None = None,
     force: bool = False,
     device: torch.device | str = "cpu",
+    fp8: Fp8Export | None = None,
+    progress: bool = True,
 ) -> dict[str, Path]:
     """Export the stages of a model (all by default) to `out_dir`; stage name -> its .onnx path.
 
     `source_or_model` is a `ModelSource` or anything `resolve_model` takes (folder, hub id, built-in name).
+    `fp8`: write the denoiser as FP8 Q/DQ (pipeline/export/fp8.py); the other stages stay in `dtype`.
     """
+    from tqdm.auto import tqdm
+
     device = parse_device(device)
     source = _resolve(source_or_model)
     family = family_for(source)
@@ -437,7 +524,12 @@ def export_model(
     # Exports of one folder take turns: a second process waits (saying for whom), then finds the stages
     # up to date. Temp folders of killed exports go first.
     sweep_temps(out)
-    with file_lock(out / MANIFEST, None, purpose=f"exporting {source.model_id} to ONNX"):
+    with (
+        file_lock(out / MANIFEST, None, purpose=f"exporting {source.model_id} to ONNX"),
+        tqdm(total=len(names), desc="onnx", unit="stage", disable=not progress, leave=False) as bar,
+    ):
         for name in names:
-            paths[name] = _export_stage(source, family, name, out, dtype, opset, force, device)
+            bar.set_description(f"onnx {name}")
+            paths[name] = _export_stage(source, family, name, out, dtype, opset, force, device, fp8)
+            bar.update(1)
     return paths

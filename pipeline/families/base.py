@@ -203,6 +203,9 @@ class Family(ABC):
     # `Pipeline.__call__` arguments beyond the common ones that this family honours (diffusers' names). The
     # pipeline passes them to `encode_prompt` and `denoiser_conditioning`, and refuses the others.
     call_options: ClassVar[frozenset[str]] = frozenset()
+    # Linear layers of the denoiser that fp8 engines quantize (fnmatch patterns on module names): by default
+    # all of them; families name their repeated blocks, keeping embedders and output projections precise.
+    fp8_modules: ClassVar[tuple[str, ...]] = ("*",)
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source

@@ -49,6 +49,7 @@ class FluxFamily(Family):
     schedule_begin_index = True
     distilled_guidance = True
     max_text_tokens = 512  # T5's length in diffusers' FluxPipeline
+    fp8_modules = ("transformer_blocks.*", "single_transformer_blocks.*")
 
     @property
     def granularity(self) -> int:

@@ -48,6 +48,7 @@ class StableDiffusionFamily(Family):
     denoiser = "unet"
     scheduler_class = "PNDMScheduler"
     call_options = frozenset({"guidance_rescale"})
+    fp8_modules = ("*attentions.*",)  # the transformer blocks' projections and feed-forwards
 
     @property
     def granularity(self) -> int:
