@@ -302,7 +302,8 @@ def run(args: argparse.Namespace) -> int:
     from .families import family_for
     from .loading import resolve_model
     from .options import check_seed
-    from .pipeline import Pipeline, check_request
+    from .pipeline import Pipeline
+    from .requests import check_request
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     check_seed(seed, args.num_images)

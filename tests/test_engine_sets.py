@@ -31,15 +31,15 @@ def test_missing_engines_name_the_one_command(tiny_flux: Path, tmp_path: Path) -
         r"tiny-flux .*; build them with: python -m pipeline --build-engines --model tiny-flux "
         r"\(or pass build=True to from_pretrained\)",
     ):
-        EngineSet(family, cache, torch.bfloat16, Precision.BF16).find()
+        EngineSet(family, cache, torch.bfloat16, None).find()
     with pytest.raises(EnginesNotBuiltError, match=r"--model tiny-flux --precision fp8 "):
         EngineSet(family, cache, torch.bfloat16, Precision.FP8).find()
 
 
 def test_engine_precision_is_fp8_or_the_model_dtype() -> None:
-    assert engine_precision(None, torch.float16) is Precision.FP16
+    assert engine_precision(None, torch.float16) is None  # the model dtype alone
     assert engine_precision("fp8", torch.bfloat16) is Precision.FP8
-    with pytest.raises(InvalidInputError, match="need --dtype fp16"):
+    with pytest.raises(InvalidInputError, match="--dtype fp16"):  # one knob for the dtype
         engine_precision("fp16", torch.bfloat16)
 
 
@@ -58,9 +58,7 @@ def test_build_engines_command_builds_what_the_backend_loads(
 ) -> None:
     sd = tiny_engines["sd"]
     source, family = sd["source"], sd["family"]
-    engines = EngineSet(
-        family, ModelCache.for_model(source, "rtx", "cpu", tmp_path), torch.float32, Precision.FP32
-    )
+    engines = EngineSet(family, ModelCache.for_model(source, "rtx", "cpu", tmp_path), torch.float32, None)
     # the session's ONNX of this model: the export step finds its manifest matching and skips; builds are real
     shutil.copytree(sd["root"] / "onnx", engines.onnx_dir)
     code = main(

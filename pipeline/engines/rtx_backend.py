@@ -34,7 +34,7 @@ from ..cache import ModelCache, resolve_runtime_cache
 from ..errors import EnginesNotBuiltError, InvalidInputError
 from ..families import Family, ShapeRange
 from ..options import dtype_name
-from .base import Backend, Precision, Specialization
+from .base import Backend, Precision, Specialization, parse_precision
 from .memory import GB, MemoryPlan, Residency, SharedDeviceMemory
 from .rtx import RtxEngine, RuntimeCache, StaleEngineError, trt
 
@@ -60,7 +60,7 @@ class EngineSet:
     family: Family
     model_cache: ModelCache
     dtype: torch.dtype
-    precision: Precision  # the denoiser's: fp8, or the model dtype
+    precision: Precision | None  # FP8: an fp8 denoiser; None: every stage in the model dtype
 
     @property
     def tag(self) -> str:
@@ -171,22 +171,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def engine_precision(precision: str | None, dtype: torch.dtype) -> Precision:
-    """The engines' precision: fp8 for an fp8 denoiser, else the model dtype (a differing one is refused)."""
-    if precision is None:
-        return Precision(dtype_name(dtype))
-    try:
-        chosen = Precision(precision)
-    except ValueError:
-        raise InvalidInputError(
-            f"precision must be one of {', '.join(p.value for p in Precision)}, got {precision!r}"
-        ) from None
-    if chosen is not Precision.FP8 and chosen.value != dtype_name(dtype):
-        raise InvalidInputError(
-            f"rtx engines of precision {chosen.value} need --dtype {chosen.value} (the engines' dtype), "
-            f"got {dtype_name(dtype)}"
-        )
-    return chosen
+def engine_precision(precision: str | None, dtype: torch.dtype) -> Precision | None:
+    """The engines' precision beyond their dtype: FP8 for an fp8 denoiser, None for the model dtype alone
+    (a dtype name given as a precision is refused, pointing at --dtype: one knob for the dtype)."""
+    return parse_precision(precision)
 
 
 class _LowVram:

@@ -22,7 +22,7 @@ from typing import Any
 from ..cli import png_metadata
 from ..errors import InvalidInputError
 from ..images import a1111_parameters, encode_image
-from ..pipeline import check_request
+from ..requests import check_request
 from .config import ServeConfig
 from .schemas import MAX_N, MAX_SEED, ImageRequest
 from .store import ImageStore
