@@ -209,28 +209,43 @@ def resolve_model(
 
 
 def _download(repo_id: str, *, local_files_only: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
+    return hub_snapshot(
+        repo_id,
+        _HUB_PATTERNS,
+        local_files_only=local_files_only,
+        error=ModelNotFoundError,
+        alternative="a local folder",
     )
 
+
+def hub_snapshot(
+    repo_id: str,
+    patterns: list[str],
+    *,
+    local_files_only: bool,
+    error: type[Exception],
+    what: str = "",
+    alternative: str,
+) -> Path:
+    """A Hugging Face hub snapshot of `repo_id` (only files matching `patterns`), downloaded once; every
+    hub failure becomes `error` with one line that says what to do (`what` names the thing, e.g. "LoRA")."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    name = f"{what} {repo_id}".strip()
     try:
-        return Path(
-            snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=local_files_only)
-        )
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_files_only))
     except GatedRepoError as e:
-        raise ModelNotFoundError(
-            f"{repo_id} is gated on the Hugging Face hub: accept its license there and log in "
+        raise error(
+            f"{name} is gated on the Hugging Face hub: accept its license there and log in "
             "(`hf auth login`), then retry"
         ) from e
     except RepositoryNotFoundError as e:
-        raise ModelNotFoundError(f"{repo_id} was not found on the Hugging Face hub") from e
+        raise error(f"{name} was not found on the Hugging Face hub") from e
     except LocalEntryNotFoundError as e:
-        raise ModelNotFoundError(
-            f"{repo_id} is not in the local hub cache and the Hugging Face hub cannot be reached "
-            "(offline?): download it once with network access, or pass a local folder"
+        raise error(
+            f"{name} is not in the local hub cache and the Hugging Face hub cannot be reached "
+            f"(offline?): download it once with network access, or pass {alternative}"
         ) from e
     except OSError as e:  # connection errors surface as OSError subclasses (requests/httpx)
-        raise ModelNotFoundError(f"could not download {repo_id} from the Hugging Face hub: {e}") from e
+        raise error(f"could not download {name} from the Hugging Face hub: {e}") from e

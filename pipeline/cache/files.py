@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import CacheBusyError
 
@@ -346,3 +347,13 @@ def remembered_sha256(path: str | Path) -> str:
         with contextlib.suppress(OSError):
             atomic_write_text(sidecar, json.dumps({**identity, "sha256": digest}))
     return digest
+
+
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object (a sidecar that
+    cannot be trusted is as good as none)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

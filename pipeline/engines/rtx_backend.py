@@ -21,7 +21,6 @@ Everything lives in the model's cache folder (`ModelCache`): `onnx/<set>/`, `eng
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..cache import ModelCache, resolve_runtime_cache
+from ..cache import ModelCache, read_json_object, resolve_runtime_cache
 from ..errors import EnginesNotBuiltError, InvalidInputError
 from ..families import Family, ShapeRange
 from ..options import dtype_name
@@ -94,7 +93,7 @@ class EngineSet:
         paths, metadata, missing = {}, {}, []
         for name in self.family.stages:
             path = self.engine_dir / f"{name}.engine"
-            meta = _read_json(path.with_suffix(".json"))
+            meta = read_json_object(path.with_suffix(".json"))
             if not path.is_file() or meta is None:
                 missing.append(name)
                 continue
@@ -161,14 +160,6 @@ class EngineSet:
 
     def plan(self, metadata: Mapping[str, Mapping[str, Any]]) -> MemoryPlan:
         return MemoryPlan.from_metadata(metadata, self.family.denoiser, model=self.family.source.model_id)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def engine_precision(precision: str | None, dtype: torch.dtype) -> Precision | None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..cache import atomic_write_bytes, file_lock, remembered_sha256, sweep_temps
+from ..cache import atomic_write_bytes, file_lock, read_json_object, remembered_sha256, sweep_temps
 from ..engines.rtx import TrtLogger, trt
 from ..errors import InvalidInputError, PipelineError
 from ..families import Family, ShapeRange, StageSpec
@@ -209,14 +209,6 @@ def _why_rebuild(old: dict[str, Any] | None, new: dict[str, Any], engine_path: P
     return ", ".join(changes) or None
 
 
-def _read_metadata(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _set_targets(config: Any, targets: Sequence[str]) -> None:
     config.num_compute_capabilities = len(targets)
     for i, name in enumerate(targets):
@@ -336,7 +328,7 @@ def build_engine(
     # builds of one engine take turns: a second process waits (saying for whom), then finds it up to date
     with file_lock(out_path, None, purpose=f"building the {stage_spec.name} TensorRT-RTX engine"):
         meta = engine_metadata(onnx_path, profile, targets, weight_streaming, precision, refittable)
-        reason = "forced" if force else _why_rebuild(_read_metadata(meta_path), meta, out_path)
+        reason = "forced" if force else _why_rebuild(read_json_object(meta_path), meta, out_path)
         if reason is None:
             logger.info("%s engine is up to date (%s)", stage_spec.name, out_path)
             return out_path
@@ -499,7 +491,7 @@ def engine_summary(paths: Mapping[str, Path]) -> str:
     """A table of built engines from their metadata: precision, sizes, activations, build time."""
     rows = [("stage", "precision", "engine MB", "weights MB", "activations MB", "streams", "build s")]
     for name, path in paths.items():
-        meta = _read_metadata(path.with_suffix(".json")) or {}
+        meta = read_json_object(path.with_suffix(".json")) or {}
         rows.append(
             (
                 name,

@@ -61,27 +61,17 @@ def _pick(folder: Path, weight_name: str | None, where: str) -> Path:
 
 
 def _download(repo_id: str, weight_name: str | None, local_files_only: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from ..loading import hub_snapshot
 
-    try:
-        folder = snapshot_download(
-            repo_id, allow_patterns=[weight_name or "*.safetensors"], local_files_only=local_files_only
-        )
-    except GatedRepoError as e:
-        raise LoraError(
-            f"LoRA {repo_id} is gated on the Hugging Face hub: accept its terms and log in"
-        ) from e
-    except RepositoryNotFoundError as e:
-        raise LoraError(f"LoRA {repo_id} was not found on the Hugging Face hub") from e
-    except LocalEntryNotFoundError as e:
-        raise LoraError(
-            f"LoRA {repo_id} is not in the local hub cache and the Hugging Face hub cannot be reached "
-            "(offline?): download it once with network access, or pass a local .safetensors file"
-        ) from e
-    except OSError as e:  # connection errors surface as OSError subclasses
-        raise LoraError(f"could not download LoRA {repo_id} from the Hugging Face hub: {e}") from e
-    return _pick(Path(folder), weight_name, f"LoRA {repo_id}")
+    folder = hub_snapshot(
+        repo_id,
+        [weight_name or "*.safetensors"],
+        local_files_only=local_files_only,
+        error=LoraError,
+        what="LoRA",
+        alternative="a local .safetensors file",
+    )
+    return _pick(folder, weight_name, f"LoRA {repo_id}")
 
 
 def sha256_of(path: Path) -> str:
