@@ -30,6 +30,16 @@ def _test_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
         os.environ[name] = before
 
 
+@pytest.fixture(autouse=True)
+def _package_loggers() -> Iterator[None]:
+    """The CLIs set up the `pipeline` logger for a terminal (their own handler, no propagation); put it back
+    after each test, so a test that runs a CLI in-process does not hide later tests' records from caplog."""
+    log = logging.getLogger("pipeline")
+    saved = (log.handlers[:], log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of the built-in tiny FLUX model (diffusers format, random weights)."""

@@ -32,7 +32,8 @@ from pipeline.serve.config import LoraSpec  # noqa: E402
 from pipeline.serve.launch import ServerProcess, start_server  # noqa: E402
 
 FAST = {"size": "32x32", "steps": 2}
-LONG = {"size": "32x32", "steps": 200}  # holds a slot far longer than any test waits
+# holds a slot far longer than any test waits: ~20 s on an idle 2-core CPU (10 ms a step), more when loaded
+LONG = {"size": "64x64", "steps": 2000}
 CLI_KEYS = {
     "prompt",
     "negative_prompt",
@@ -50,6 +51,7 @@ CLI_KEYS = {
 def servers(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
     root = tmp_path_factory.mktemp("serve")
     common = ["--model", str(tiny_sd), "--device", "cpu", "--backend", "torch", "--cache-dir", str(root)]
+    common += ["--max-steps", "2000"]  # LONG's steps
     configs = {
         "main": ["--max-batch", "4", "--max-queue", "16", "--image-dir", str(root / "images")],
         "small": [
@@ -180,7 +182,8 @@ def test_models_and_health(servers: dict[str, ServerProcess]) -> None:
 
 
 def test_stream_sends_progress_then_the_image(servers: dict[str, ServerProcess]) -> None:
-    body = {"prompt": "a cat", "size": "32x32", "steps": 6, "stream": True, "response_format": "b64_json"}
+    # enough steps that progress is seen running more than once, even on a fast machine
+    body = {"prompt": "a cat", "size": "32x32", "steps": 60, "stream": True, "response_format": "b64_json"}
     with httpx.stream("POST", f"{servers['main'].url}/v1/images/generations", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [
@@ -357,7 +360,7 @@ def test_a_client_that_disconnects_frees_its_slot(servers: dict[str, ServerProce
         return queue_freed, abandoned, third_response
 
     queue_freed, abandoned, third = asyncio.run(scenario())
-    assert queue_freed < 1.0 and abandoned < 5.0  # the 200-step request would have taken ~25 s more
+    assert queue_freed < 1.0 and abandoned < 5.0  # the LONG request would have taken ~20 s more
     assert third.status_code == 200
 
 
