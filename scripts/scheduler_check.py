@@ -29,7 +29,7 @@ from pipeline.schedule import Schedule, SchedulerSteps, plan_schedule, prepared
 
 logger = logging.getLogger("scheduler_check")
 PROMPT = "a photo of a red fox in the snow"
-TOLERANCE = 0.05  # relative L2 error of final latents, graphed own-step loop vs eager (as gpu_check.py)
+TOLERANCE = 0.05  # relative L2 error of final latents, graphed own-step loop vs eager
 SD_SCHEDULERS = {  # label: (class, config overrides)
     "euler": ("EulerDiscreteScheduler", {}),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),

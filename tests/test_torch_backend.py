@@ -61,6 +61,12 @@ def test_regions_keep_the_module_tree(tiny_flux: Path, tmp_path: Path) -> None:
     names = [n for n, _ in eager.backend.modules["transformer"].named_parameters()]
     assert [n for n, _ in compiled.backend.modules["transformer"].named_parameters()] == names
     assert len(compiled.backend.hooks) == 2  # one double and one single block in the tiny FLUX
+    # a deep copy of the compiled model routes its own blocks (not the original's) through the compiler
+    import copy
+
+    twin = copy.deepcopy(compiled.backend.modules["transformer"])
+    block = twin.transformer_blocks[0]
+    assert block.forward.block is block and block.forward.compiler is compiled.backend.compiler
 
 
 def test_a_damaged_compile_cache_is_survived(tiny_sd: Path, tmp_path: Path, caplog) -> None:

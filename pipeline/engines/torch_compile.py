@@ -393,6 +393,11 @@ class CompiledForward:
         block._class_forward = self.original
         self.enabled = True
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledForward | None:
+        # a deep copy of the block (being made: it is in `memo`) gets a hook of its own, same compiler
+        block = memo.get(id(self.block))
+        return None if block is None else CompiledForward(block, self.compiler)
+
     def __reduce__(self) -> tuple[Any, ...]:
         # Dynamo records the block's __dict__ (which holds this hook) in an artifact's guard state; the hook
         # holds the compiler and its artifacts, which must not be pickled into every new artifact.

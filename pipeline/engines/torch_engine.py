@@ -63,7 +63,7 @@ INDUCTOR_OPTIONS: dict[str, Any] = {}
 DEFAULT_COMPILE_VAE = False
 # Attention on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms against
 # flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
-# scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere.
+# the since-removed scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere.
 ATTENTION_CHOICES = ("auto", "cudnn", "flash", "default")
 # fp8 Linear kernels: torchao's Float8DynamicActivationFloat8WeightConfig (per-row scales) or our own
 # torch._scaled_mm module (fp8.py); see fp8.py for which is the default and why.
