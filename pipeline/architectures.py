@@ -9,6 +9,7 @@ the target device with a small random init (std 0.02) so activations stay finite
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -255,9 +256,18 @@ def _write_config(folder: Path, library: str, cls: str, config: dict[str, Any]) 
 
 
 def build_random(
-    library: str, cls: str, folder: Path, dtype: torch.dtype, device: torch.device | str, seed: int = 0
+    library: str,
+    cls: str,
+    folder: Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    seed: int = 0,
+    per_part: Callable[[torch.nn.Module], object] | None = None,
 ) -> torch.nn.Module:
-    """Build a module from its config on `device` in `dtype`, weights drawn from N(0, 0.02), norms at 1."""
+    """Build a module from its config on `device` in `dtype`, weights drawn from N(0, 0.02), norms at 1.
+
+    With `per_part`, the module is built on the meta device and allocated part by part, `per_part(module)`
+    after each (loading.place_in_parts); the weights are the same as without it."""
     import diffusers
     import transformers
 
@@ -266,7 +276,7 @@ def build_random(
         dtype
     )  # build in the target dtype: FLUX in fp32 would not fit next to its bf16 copy
     try:
-        with torch.device(device):
+        with torch.device("meta" if per_part is not None else device):
             if library == "transformers":
                 module = getattr(transformers, cls)(transformers.AutoConfig.from_pretrained(folder))
             else:
@@ -275,12 +285,26 @@ def build_random(
     finally:
         torch.set_default_dtype(previous)
     gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=gen)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return module.eval().requires_grad_(False)
+
+    def init(part: torch.nn.Module, recurse: bool = True) -> None:
+        with torch.no_grad():
+            for name, p in part.named_parameters(recurse=recurse):
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.02, generator=gen)
+                elif name.endswith("weight"):
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+
+    module.eval().requires_grad_(False)
+    if per_part is None:
+        init(module)
+        return module
+    from .loading import place_in_parts
+
+    shared = len({id(p) for p in module.parameters()}) != sum(1 for _ in module.named_parameters())
+    if shared or any(True for _ in module.buffers()):  # buffers would need their own init: build it whole
+        module = build_random(library, cls, folder, dtype, device, seed)
+        per_part(module)
+        return module
+    return place_in_parts(module, torch.device(device), per_part, init=init)

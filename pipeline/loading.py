@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -102,8 +102,17 @@ class ModelSource:
         _, cls = self.component_class(component)
         return getattr(transformers, cls).from_pretrained(self.path / component)
 
-    def load_component(self, component: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> Any:
-        """Load one component's module (weights) in eval mode, as diffusers' from_pretrained would."""
+    def load_component(
+        self,
+        component: str,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        per_part: Callable[[torch.nn.Module], object] | None = None,
+    ) -> Any:
+        """Load one component's module (weights) in eval mode, as diffusers' from_pretrained would.
+
+        `per_part(module)` runs after each part (block) of the module reaches `device` (see `place_in_parts`):
+        fp8 quantizes there while loading, so the whole bf16 model is never on the device."""
         import diffusers
         import transformers
 
@@ -112,13 +121,16 @@ class ModelSource:
             from .architectures import build_random
 
             logger.info("building %s (%s) from its config with random weights", component, cls)
-            return build_random(library, cls, self.path / component, dtype, device)
+            return build_random(library, cls, self.path / component, dtype, device, per_part=per_part)
         lib = diffusers if library == "diffusers" else transformers
         module_cls = getattr(lib, cls)
         logger.debug("loading %s (%s.%s) as %s", component, library, cls, dtype)
         with quiet_hub_output():
             module = module_cls.from_pretrained(self.path / component, torch_dtype=dtype)
-        return module.to(device).eval().requires_grad_(False)
+        module.eval().requires_grad_(False)
+        if per_part is None:
+            return module.to(device)
+        return place_in_parts(module, torch.device(device), per_part)
 
     @cached_property
     def content_hash(self) -> str:
@@ -149,6 +161,39 @@ class ModelSource:
             hashes.save()
             self.hash_stats = {"remembered": hashes.hits, "read": hashes.misses}
         return h.hexdigest()[:16]
+
+
+def module_parts(module: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """`module` cut into parts that hold every parameter once, in `named_parameters` order: (part, recurse).
+    A container's own parameters are a part of their own (recurse False); the elements of a ModuleList or
+    Sequential (a model's blocks) are parts one by one; any other child is one part."""
+    parts: list[tuple[torch.nn.Module, bool]] = [(module, False)]
+    for child in module.children():
+        if isinstance(child, torch.nn.ModuleList | torch.nn.Sequential):
+            parts.append((child, False))
+            parts.extend((block, True) for block in child)
+        else:
+            parts.append((child, True))
+    return parts
+
+
+def place_in_parts(
+    module: torch.nn.Module,
+    device: torch.device,
+    per_part: Callable[[torch.nn.Module], object],
+    init: Callable[[torch.nn.Module, bool], None] | None = None,
+) -> torch.nn.Module:
+    """Move `module` to `device` part by part, calling `per_part(module)` after each one. With `init`,
+    `module` was built on the meta device: each part is allocated on `device` and `init(part, recurse)` fills
+    it (random weights drawn in the same order as for a whole module)."""
+    for part, recurse in module_parts(module):
+        if init is not None:
+            part.to_empty(device=device, recurse=recurse)
+            init(part, recurse)
+        else:
+            part._apply(lambda t: t.to(device), recurse=recurse)
+        per_part(module)
+    return module
 
 
 def _read_json(path: Path) -> dict[str, Any]:

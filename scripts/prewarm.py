@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--prompt", default="a lighthouse on a cliff at dawn")
+    p.add_argument("--precision", choices=["fp8"], default=None, help="ship the fp8 model's cache")
+    p.add_argument("--autotune", action="store_true",
+                   help="torch: tune the GEMMs while compiling (max-autotune); paid here, shipped")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("caches"), help="shipped caches folder (default caches/)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -70,6 +73,12 @@ def prewarm(args: argparse.Namespace) -> ShippedCache:
     # the torch backend persists compiled code only: compile on, wherever its default is off (CPU)
     # rtx: build the engines if they are missing (a prewarm run is the place for it)
     backend_options = {"compile": True} if backend == "torch" else {"build": True}
+    if args.precision:
+        backend_options["precision"] = args.precision
+    if args.autotune:
+        if backend != "torch":
+            raise SystemExit("error: --autotune is a torch backend option (TensorRT-RTX tunes at run time)")
+        backend_options["autotune"] = True  # the tuned kernels go into the shipped compile cache
     with tempfile.TemporaryDirectory(prefix="prewarm-") as tmp:
         pipe = Pipeline.from_pretrained(
             args.model,

@@ -111,10 +111,12 @@ def test_images_equal_diffusers_with_the_same_adapters(case: dict, tmp_path: Pat
 
 
 def test_fused_qkv_projections_take_their_rows(case: dict, tmp_path: Path) -> None:
-    """The torch backend fuses q/k/v (to_qkv, to_added_qkv, to_kv) when it compiles: a to_q LoRA goes to
-    to_qkv's first rows."""
+    """The torch backend fuses q/k/v (to_qkv, to_added_qkv, to_kv) and drops the separate layers: a to_q
+    LoRA goes to to_qkv's first rows."""
     pipe, ref = ours(case["folder"], tmp_path), theirs(case)
-    pipe.backend.modules[FAMILIES[case["family"]][2]].fuse_qkv_projections()
+    denoiser = pipe.backend.modules[FAMILIES[case["family"]][2]]
+    fused = [m for m in denoiser.modules() if getattr(m, "fused_projections", False)]
+    assert fused and not any(hasattr(m, "to_k") for m in fused)
     for name in ("peft", "kohya"):
         pipe.load_lora_weights(case["loras"][name], adapter_name=name)
         ref.load_lora_weights(str(case["loras"][name]), adapter_name=name)

@@ -38,6 +38,7 @@ def _images(pipe: Pipeline) -> np.ndarray:
         ({"compile": "yes"}, "must be true or false"),
         ({"attention": "magic"}, "attention must be one of"),
         ({"fp8_kernel": "int8"}, "fp8_kernel must be one of"),
+        ({"autotune": "max"}, "must be true or false"),
     ],
 )
 def test_options_are_validated(tiny_sd: Path, tmp_path: Path, options: dict, message: str) -> None:
@@ -49,6 +50,22 @@ def test_cpu_defaults_are_eager_and_expose_the_model_cache(tiny_sd: Path, tmp_pa
     pipe = Pipeline.from_pretrained(tiny_sd, backend="torch", device="cpu", cache_dir=tmp_path)
     assert pipe.backend.describe().startswith("torch (eager")
     assert pipe.backend.model_cache.runtime_cache_path.is_relative_to(tmp_path)
+
+
+def test_autotune_compiles_into_artifacts_of_their_own(tiny_sd: Path, tmp_path: Path) -> None:
+    """autotune=True hands Inductor max-autotune, and its artifacts are keyed apart from the default ones
+    (the tuned kernels live in the compile cache prewarm.py ships)."""
+    from pipeline.engines.torch_engine import AUTOTUNE_OPTIONS
+
+    tuned = Pipeline.from_pretrained(
+        tiny_sd, backend="torch", device="cpu", cache_dir=tmp_path, compile=True, autotune=True
+    ).backend.compiler
+    plain = Pipeline.from_pretrained(
+        tiny_sd, backend="torch", device="cpu", cache_dir=tmp_path, compile=True
+    ).backend.compiler
+    assert AUTOTUNE_OPTIONS.items() <= tuned.options.items()
+    assert not AUTOTUNE_OPTIONS.keys() & plain.options.keys()
+    assert tuned.tag == plain.tag + "-autotune"
 
 
 def test_regions_keep_the_module_tree(tiny_flux: Path, tmp_path: Path) -> None:

@@ -11,6 +11,13 @@ them), and their JIT compile took more than 2 minutes per block kind, where ours
 bf16. torchao stays selectable (`fp8_kernel="torchao"`); scripts/bench.py measures both side by side.
 Inside a compiled region the activation quantization (amax, divide, cast) fuses into one kernel before the
 fp8 matrix product. Needs a GPU with fp8 matrix units (compute capability 8.9 or newer).
+
+Every Linear layer of at least 512 x 512 is quantized, the adaLN modulation layers included: they multiply one
+row per image, so they are bound by reading their weights, which fp8 halves (3.2 B of FLUX.1-dev's 11.9 B
+parameters are theirs). Fused Q/K/V layers are built from the quantized ones (`fuse_fp8_projections`): the
+per-channel scales concatenate with the rows. `quantize_linears(..., device=)` touches only layers already on
+`device`, so a model can be quantized part by part while it loads (loading.py): the bf16 weights of the whole
+model are never on the GPU at once, and loading peaks at the fp8 model plus one block.
 """
 
 from __future__ import annotations
@@ -58,6 +65,24 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # (1, N)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
+    @classmethod
+    def concat(cls, layers: list[Fp8Linear]) -> Fp8Linear:
+        """One layer whose output rows are `layers`' outputs one after another (a fused Q/K/V projection)."""
+        first = layers[0]
+        if any(layer.in_features != first.in_features or (layer.bias is None) != (first.bias is None)
+               for layer in layers):  # fmt: skip
+            raise ValueError("only layers of one input width, all with or all without bias, concatenate")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features = first.in_features
+        fused.out_features = sum(layer.out_features for layer in layers)
+        fused.out_dtype = first.out_dtype
+        fused.register_buffer("weight_fp8", torch.cat([layer.weight_fp8 for layer in layers]))
+        fused.register_buffer("weight_scale", torch.cat([layer.weight_scale for layer in layers], dim=1))
+        bias = None if first.bias is None else torch.cat([layer.bias for layer in layers])
+        fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         q, scale = _quantize_rows(x.reshape(-1, self.in_features))
@@ -75,9 +100,18 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 row-wise"
 
 
-def _eligible(name: str, linear: nn.Linear) -> bool:
-    if "norm" in name:  # adaLN modulation: one row per image, nothing to gain
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether `tensor` is on `device`, where "cuda" means the current CUDA device."""
+    if tensor.device.type != device.type:
         return False
+    if device.type != "cuda" or device.index is None:
+        return device.type != "cuda" or tensor.device.index == torch.cuda.current_device()
+    return tensor.device.index == device.index
+
+
+def _eligible(linear: nn.Linear, device: torch.device | None) -> bool:
+    if device is not None and not _on(linear.weight, device):
+        return False  # not loaded yet (meta, or still on the host)
     n, k = linear.out_features, linear.in_features
     return n >= MIN_FEATURES and k >= MIN_FEATURES and n % 16 == 0 and k % 16 == 0
 
@@ -94,32 +128,59 @@ DEFAULT_KERNEL = "scaled_mm"
 
 
 def quantize_linears(
-    module: nn.Module, kernel: str = "scaled_mm", within: tuple[type, ...] | None = None
+    module: nn.Module, kernel: str = "scaled_mm", device: torch.device | None = None, quiet: bool = False
 ) -> int:
-    """Quantize the eligible nn.Linear layers of `module` (inside blocks of types `within`, when given) to
-    fp8 in place with `kernel` ("torchao" or "scaled_mm"). Returns how many were quantized."""
+    """Quantize the eligible nn.Linear layers of `module` (those on `device` only, when given) to fp8 in
+    place with `kernel` ("torchao" or "scaled_mm"). Returns how many were quantized.
+
+    Each bf16 layer is released as soon as its fp8 one replaces it (no list of the originals is kept)."""
     if kernel == "torchao":
-        return _quantize_torchao(module)
+        return _quantize_torchao(module, device)
     count = 0
-    roots = [m for m in module.modules() if within is None or isinstance(m, within)] or [module]
-    for root in roots:
-        for parent_name, parent in list(root.named_modules()):
-            for child_name, child in list(parent.named_children()):
-                full = f"{parent_name}.{child_name}" if parent_name else child_name
-                if type(child) is nn.Linear and _eligible(full, child):
-                    setattr(parent, child_name, Fp8Linear(child))
-                    count += 1
-    logger.info("fp8: quantized %d linear layers", count)
+    for parent in list(module.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and _eligible(child, device):
+                setattr(parent, child_name, Fp8Linear(child))
+                count += 1
+    if not quiet:
+        logger.info("fp8: quantized %d linear layers", count)
     return count
 
 
-def _quantize_torchao(module: nn.Module) -> int:
+def fuse_fp8_projections(module: nn.Module) -> int:
+    """Fuse each attention's quantized Q/K/V (and FLUX's added Q/K/V) layers into one fp8 layer, as
+    diffusers' `fuse_projections` does for bf16 ones, and drop the separate layers. Only for attentions that
+    read their fused layers when `fused_projections` is set (diffusers' AttentionModuleMixin ones, FLUX's).
+    Returns how many attentions were fused."""
+    from .fusion import FUSED_PROJECTIONS
+
+    count = 0
+    for attn in module.modules():
+        if getattr(attn, "fused_projections", True) or not getattr(attn, "_supports_qkv_fusion", False):
+            continue
+        fused_any = False
+        for fused, parts in FUSED_PROJECTIONS.items():
+            if fused == "to_kv":
+                continue  # cross-attention: diffusers' processors for it switch classes, not a flag
+            layers = [attn._modules.get(p) for p in parts]
+            if all(isinstance(layer, Fp8Linear) for layer in layers):
+                setattr(attn, fused, Fp8Linear.concat(layers))
+                for p in parts:
+                    del attn._modules[p]
+                fused_any = True
+        if fused_any:
+            attn.fused_projections = True
+            count += 1
+    return count
+
+
+def _quantize_torchao(module: nn.Module, device: torch.device | None) -> int:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     chosen: list[str] = []
 
     def eligible(child: nn.Module, name: str) -> bool:
-        ok = type(child) is nn.Linear and _eligible(name, child)
+        ok = type(child) is nn.Linear and _eligible(child, device)
         if ok:
             chosen.append(name)
         return ok

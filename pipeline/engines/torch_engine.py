@@ -16,6 +16,7 @@ Options (same names as the rtx backend where they mean the same): compile, cuda_
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from ..families import Family, StageSpec
 from ..families.base import Tensors
 from .base import Backend, Precision, Specialization, parse_precision
 from .compile_cache import INDUCTOR_GROUP, ArtifactStore, load_store, save_store
+from .fusion import fuse_projections
 from .torch_compile import (
     RESNET_REGIONS,
     CompiledForward,
@@ -53,11 +55,18 @@ OPTIONS = (
     "fp8_kernel",
     "compile_vae",
     "compile_resnets",
+    "autotune",
 )
 _PLUMBING = ("cache_dir", "model_cache")  # passed by the pipeline, not by users
 # Inductor options for the regions. Default mode: the large GEMMs go to cuBLAS either way; Inductor's own
 # CUDA graphs stay off (we capture the whole step ourselves).
 INDUCTOR_OPTIONS: dict[str, Any] = {}
+# autotune=True: Inductor benchmarks Triton GEMM templates against cuBLAS for each GEMM while it compiles.
+# What it picks is baked into the ahead-of-time artifact, so it is paid once, kept in the model's compile
+# cache and shipped with it by prewarm.py. Off by default: on the H200 (FLUX.1-dev 1024², torch 2.11,
+# 2026-12-01, scripts/profile_step.py) cuBLAS won every large GEMM, steady 3.997 s against 3.983 s
+# without, and the first call's compile took 108 s instead of 25 s.
+AUTOTUNE_OPTIONS: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm": True}
 # The VAE decoder stays eager by default: on an H100 (FLUX-dev, 512x512, 2026-11-24, scripts/bench.py)
 # compiling it took 42-45 s of a 59 s first call for a decode of 0.018 s compiled vs 0.024 s eager.
 DEFAULT_COMPILE_VAE = False
@@ -101,6 +110,7 @@ class TorchOptions:
     fp8_kernel: str | None = None  # None: fp8.DEFAULT_KERNEL
     compile_vae: bool = DEFAULT_COMPILE_VAE
     compile_resnets: bool = DEFAULT_COMPILE_RESNETS
+    autotune: bool = False
 
     @classmethod
     def parse(cls, device: torch.device, options: dict[str, Any]) -> TorchOptions:
@@ -139,7 +149,8 @@ class TorchOptions:
             raise InvalidInputError(f"fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got {kernel!r}")
         vae = _flag(options, "compile_vae", default=DEFAULT_COMPILE_VAE)
         resnets = _flag(options, "compile_resnets", default=DEFAULT_COMPILE_RESNETS)
-        return cls(compile_, graphs, specialization, precision, attention, kernel, vae, resnets)
+        autotune = _flag(options, "autotune", default=False)
+        return cls(compile_, graphs, specialization, precision, attention, kernel, vae, resnets, autotune)
 
 
 def _flag(options: dict[str, Any], name: str, default: bool) -> bool:
@@ -207,22 +218,35 @@ class TorchBackend(Backend):
         self._bypass = False
 
         source = family.source
+        self.fp8_kernel: str | None = None
+        if self.options.precision is Precision.FP8:
+            from .fp8 import DEFAULT_KERNEL
+
+            self.fp8_kernel = self.options.fp8_kernel or DEFAULT_KERNEL
+        # fp8 with our kernel on a family whose attention reads fused layers by a flag (FLUX): quantized and
+        # fused block by block while loading, so the bf16 model is never whole on the GPU.
+        streamed = self.fp8_kernel == "scaled_mm" and family.fp8_while_loading
+        denoiser_component = family.stages[family.denoiser].component
         modules: dict[str, torch.nn.Module] = {}
         for stage in family.stages.values():
             if stage.component not in modules:
                 component_dtype = family.component_dtype(stage.component, dtype)  # SDXL: fp32 VAE under fp16
-                modules[stage.component] = source.load_component(stage.component, component_dtype, device)
+                per_part = (
+                    functools.partial(_fp8_part, device=device)
+                    if streamed and stage.component == denoiser_component
+                    else None
+                )
+                modules[stage.component] = source.load_component(
+                    stage.component, component_dtype, device, per_part=per_part
+                )
         self.modules = modules
-        denoiser = modules[family.stages[family.denoiser].component]
-        if hasattr(denoiser, "fuse_qkv_projections"):
-            with contextlib.suppress(Exception):  # not every attention processor can fuse
-                denoiser.fuse_qkv_projections()  # one GEMM for Q, K and V
-        self.fp8_kernel: str | None = None
-        if self.options.precision is Precision.FP8:
-            from .fp8 import DEFAULT_KERNEL, quantize_linears
+        denoiser = modules[denoiser_component]
+        if not streamed:
+            fuse_projections(denoiser)  # one GEMM for Q, K and V
+            if self.fp8_kernel is not None:
+                from .fp8 import quantize_linears
 
-            self.fp8_kernel = self.options.fp8_kernel or DEFAULT_KERNEL
-            quantize_linears(denoiser, kernel=self.fp8_kernel)
+                quantize_linears(denoiser, kernel=self.fp8_kernel)
         if device.type == "cuda" and "vae" in modules:
             modules["vae"].to(memory_format=torch.channels_last)
         if self.options.compile:
@@ -235,8 +259,12 @@ class TorchBackend(Backend):
         configure_dynamo()
         store = self._load_compile_cache()
         tag = f"attn-{self.attention}" + (f"-fp8-{self.fp8_kernel}" if self.fp8_kernel else "")
+        inductor = dict(INDUCTOR_OPTIONS)
+        if self.options.autotune:
+            tag += "-autotune"  # its artifacts hold other kernels: never mixed with the default ones
+            inductor |= AUTOTUNE_OPTIONS
         self.compiler = RegionCompiler(
-            store, specialization=self.options.specialization, options=INDUCTOR_OPTIONS, tag=tag
+            store, specialization=self.options.specialization, options=inductor, tag=tag
         )
         self.stats.regions = self.compiler.stats
         extra = RESNET_REGIONS if self.options.compile_resnets else ()
@@ -360,3 +388,11 @@ class TorchBackend(Backend):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
+
+
+def _fp8_part(module: torch.nn.Module, device: torch.device) -> None:
+    """After each block of the denoiser lands on `device`: its Linear layers in fp8, Q/K/V fused (fp8.py)."""
+    from .fp8 import fuse_fp8_projections, quantize_linears
+
+    quantize_linears(module, device=device, quiet=True)
+    fuse_fp8_projections(module)

@@ -206,6 +206,9 @@ class Family(ABC):
     # Linear layers of the denoiser that fp8 engines quantize (fnmatch patterns on module names): by default
     # all of them; families name their repeated blocks, keeping embedders and output projections precise.
     fp8_modules: ClassVar[tuple[str, ...]] = ("*",)
+    # torch fp8: the denoiser can be quantized and its Q/K/V fused block by block while it loads (its
+    # attentions read fused layers by their `fused_projections` flag; UNets switch processor classes instead)
+    fp8_while_loading: ClassVar[bool] = False
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source

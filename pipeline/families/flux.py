@@ -50,6 +50,7 @@ class FluxFamily(Family):
     distilled_guidance = True
     max_text_tokens = 512  # T5's length in diffusers' FluxPipeline
     fp8_modules = ("transformer_blocks.*", "single_transformer_blocks.*")
+    fp8_while_loading = True
 
     @property
     def granularity(self) -> int:

@@ -10,14 +10,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..engines.fusion import FUSED_PROJECTIONS
 from ..errors import LoraError
 
-# diffusers' fuse_projections: the fused layer -> the layers it concatenates along its rows, in order.
-FUSED_PROJECTIONS = {
-    "to_qkv": ("to_q", "to_k", "to_v"),
-    "to_kv": ("to_k", "to_v"),
-    "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
-}
 # Attributes through which a compile layer may wrap a block (ours, torch.compile's OptimizedModule).
 _WRAPPERS = ("block", "_orig_mod", "module")
 
