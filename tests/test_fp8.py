@@ -17,7 +17,7 @@ from conftest import tiny_range
 from pipeline.errors import InvalidInputError
 from pipeline.export import export_model, read_manifest
 from pipeline.export.engines import build_engine, build_engines, onnx_weights
-from pipeline.export.fp8 import Fp8Method, choose_method, qdq_counts
+from pipeline.export.fp8 import Fp8Method, choose_method, qdq_counts, selected_linears
 from pipeline.export.onnx_export import Fp8Export
 from pipeline.families import Family
 
@@ -61,6 +61,14 @@ def test_fp8_onnx_holds_e4m3_qdq(tiny_fp8: dict, name: str) -> None:
             assert inits[node.input[2]].data_type == onnx.TensorProto.FLOAT8E4M3FN
     entry = read_manifest(fp8["onnx"].parent)[fp8["family"].denoiser]
     assert entry["precision"] == "fp8" and entry["fp8_method"] == "modelopt"
+    # every Linear layer the family names is stored in FP8: none left out by Model Optimizer's own
+    # exclusions (its '*proj_out.*' would keep FLUX's single-block output projections in bf16)
+    family = fp8["family"]
+    module = fp8["source"].load_component(family.stages[family.denoiser].component, torch.float32)
+    fp8_weights = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"} & {
+        t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN
+    }
+    assert len(fp8_weights) == selected_linears(module, family.fp8_modules)
 
 
 @pytest.mark.parametrize("name", ["flux", "sd"])

@@ -90,6 +90,11 @@ def _selected(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def selected_linears(module: torch.nn.Module, patterns: Sequence[str]) -> int:
+    """How many Linear layers of `module` the fp8 export should store in FP8."""
+    return sum(isinstance(m, torch.nn.Linear) and _selected(n, patterns) for n, m in module.named_modules())
+
+
 # ---- Model Optimizer: quantizers and calibration through the torch modules -------------------------------
 def calibration_loop(
     family: Family,
@@ -174,8 +179,14 @@ def quantize_with_modelopt(
             kept += linear
             for quantizer in ("input_quantizer", "weight_quantizer", "output_quantizer"):
                 q = getattr(sub, quantizer, None)
-                if q is not None and (not linear or quantizer == "output_quantizer"):
+                if q is None:
+                    continue
+                if not linear or quantizer == "output_quantizer":
                     q.disable()
+                else:
+                    # Model Optimizer's default exclusions are LLM names: '*proj_out.*' would leave FLUX's 38
+                    # single-block output projections (1.79 B parameters) in bf16. Ours are chosen by pattern.
+                    q.enable()
         if not kept:
             raise InvalidInputError(f"fp8: no Linear layer of the denoiser matches {list(patterns)}")
         logger.info("fp8: %d Linear layers quantized (weights and inputs)", kept)

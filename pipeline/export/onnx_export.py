@@ -384,7 +384,10 @@ def _write_stage(
         folded = fp8_ops.fold_weight_qdq(program.model)
         if not folded:
             raise InvalidInputError(f"{spec.name}: fp8 quantized no weight (patterns {family.fp8_modules})")
-        logger.info("%s: %d weights stored as FP8 (%s)", spec.name, folded, fp8.method)
+        wanted = fp8_ops.selected_linears(module, family.fp8_modules)
+        logger.info("%s: %d of %d weights stored as FP8 (%s)", spec.name, folded, wanted, fp8.method)
+        if folded < wanted:
+            logger.warning("%s: %d Linear layers stayed in %s", spec.name, wanted - folded, dtype_name(dtype))
     _rename_output_dims(program, spec)
     _make_initializers_contiguous(program.model)
     converted = time.perf_counter()
