@@ -118,15 +118,26 @@ def step_engines(args: argparse.Namespace, family: Any, out: Path, report: dict)
         logger.info("engine %s: %s", stage, facts)
 
 
-def step_plan(family: Any, out: Path, report: dict) -> None:
+def merge_reports(out: Path, report: dict, others: list[Path]) -> list[Path]:
+    """Fold the steps of other output folders (stages exported and built in parallel, one folder each) into
+    `report`; the folders whose engines the plan then reads, this one first."""
+    for other in others:
+        for key, facts in _report(other)["steps"].items():
+            report["steps"].setdefault(key, facts)
+    return [out, *others]
+
+
+def step_plan(family: Any, folders: list[Path], report: dict) -> None:
     metadata = {}
     for stage in family.stages:
-        meta_file = out / "engines" / f"{stage}.json"
-        if meta_file.is_file():
-            metadata[stage] = json.loads(meta_file.read_text())
+        for folder in folders:
+            meta_file = folder / "engines" / f"{stage}.json"
+            if meta_file.is_file():
+                metadata[stage] = json.loads(meta_file.read_text())
+                break
     missing = [s for s in family.stages if s not in metadata]
     if family.denoiser in missing:
-        raise SystemExit(f"no {family.denoiser} engine in {out / 'engines'} yet: run --step engines first")
+        raise SystemExit(f"no {family.denoiser} engine under {folders[0]} yet: run --step engines first")
     plan = MemoryPlan.from_metadata(metadata, family.denoiser, model=report.get("model", "model"))
     report["plan"] = {
         "stages_missing": missing,
@@ -134,7 +145,7 @@ def step_plan(family: Any, out: Path, report: dict) -> None:
         "cards": {f"{gb} GB": plan.summary(int(gb * GB)) for gb in CARDS_GB},
         "lines": plan.lines(CARDS_GB),
     }
-    _save(out, report)
+    _save(folders[0], report)
 
 
 def print_table(family: Any, report: dict) -> None:
@@ -173,12 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8-method", choices=("modelopt", "weight-only"), default=None)
     parser.add_argument("--calibration-size", default=None, help="WIDTHxHEIGHT (default: the model's size)")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/rtx-real-build"))
+    parser.add_argument("--merge", default="", help="plan: comma-separated --out folders of stages run "
+                        "in parallel elsewhere, whose reports and engines join this one's")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("pipeline", "rtx_real_build"):
         logging.getLogger(name).setLevel(logging.INFO)
     args.stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     args.targets = parse_targets(args.targets)
+    args.merge = [Path(m) for m in args.merge.split(",") if m]
     if args.calibration_size:
         width, height = parse_size(args.calibration_size)
         args.calibration_size = (height, width)
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.step in ("engines", "all"):
         step_engines(args, family, out, report)
     if args.step in ("plan", "all"):
-        step_plan(family, out, report)
+        step_plan(family, merge_reports(out, report, args.merge), report)
         print_table(family, report)
     _save(out, report)
     print(json.dumps({"step": args.step, "stages": args.stages, "peak_rss_gb": round(peak_rss_gb(), 2)}))
