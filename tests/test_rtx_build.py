@@ -23,13 +23,12 @@ from conftest import tiny_range
 from pipeline.cache import file_lock, save_blob
 from pipeline.engines.rtx import ProfileGuard, RuntimeCache, invalidity_reasons, trt
 from pipeline.errors import InvalidInputError, OutOfProfileError
+from pipeline.export.engine_args import build_engines_from_args, engine_dir_name
 from pipeline.export.engines import (
     DEFAULT_TARGETS,
     EngineBuildError,
     build_engine,
     build_engines,
-    build_engines_from_args,
-    engine_dir_name,
     onnx_sha256,
     parse_targets,
 )

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ..cache import ModelCache
-from ..export.engines import engine_summary, parse_targets
+from ..export.engine_args import engine_summary
+from ..export.engines import parse_targets
 from ..families import ShapeRange, family_for
 from ..loading import resolve_model
 from ..options import parse_device, parse_dtype, parse_size

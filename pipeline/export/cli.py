@@ -91,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = resolve_model(args.model, cache_dir=args.cache_dir)
         family = family_for(source)
         if args.engines:  # every engine option is checked before the export, not after it
-            from .engines import parse_targets, shape_range_from_args
+            from .engine_args import shape_range_from_args
+            from .engines import parse_targets
 
             if args.targets:
                 parse_targets(args.targets)
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         engines = {}
         if args.engines:
-            from .engines import build_engines_from_args
+            from .engine_args import build_engines_from_args
 
             args.progress = not args.quiet
             engines = build_engines_from_args(args, family, args.out)
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = ", ".join(f"{stage} {_size(path)}" for stage, path in paths.items())
         print(f"onnx: {sizes}", file=sys.stderr)
         if engines:
-            from .engines import engine_summary
+            from .engine_args import engine_summary
 
             print(engine_summary(engines), file=sys.stderr)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6

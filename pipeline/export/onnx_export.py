@@ -14,12 +14,11 @@ sha256) is written last. A stage whose entry matches what would be exported now 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -28,17 +27,17 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from ..cache import atomic_write_text, ensure_writable_dir, file_lock, sha256_file, sweep_temps
+from ..cache import ensure_writable_dir, file_lock, sha256_file, sweep_temps
 from ..errors import InvalidInputError
 from ..families import Family, StageSpec, TensorSpec, family_for
 from ..loading import ModelSource, resolve_model
 from ..options import dtype_name, parse_device
+from .graph_passes import make_initializers_contiguous, optimize, rename_output_dims
+from .manifest import MANIFEST, entry_problem, read_manifest, set_entry
 from .translations import custom_translations
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
 EXPORTER = "torch.onnx.export(dynamo=True)"
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the oldest opset torch's dynamo exporter writes
@@ -155,63 +154,6 @@ def _identity(
     }
 
 
-# ---- manifest -------------------------------------------------------------------------------------------
-
-
-def read_manifest(out_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """The stage entries of `out_dir/manifest.json`; an absent or unreadable manifest has none."""
-    path = Path(out_dir) / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        logger.warning("%s is unreadable (%s); treating every stage as not exported", path, e)
-        return {}
-    if (
-        not isinstance(data, dict)
-        or data.get("format") != MANIFEST_FORMAT
-        or not isinstance(data.get("stages"), dict)
-    ):
-        logger.warning("%s has an unknown format; treating every stage as not exported", path)
-        return {}
-    return data["stages"]
-
-
-def _write_manifest(out_dir: Path, stages: Mapping[str, dict[str, Any]]) -> None:
-    data = {"format": MANIFEST_FORMAT, "stages": dict(sorted(stages.items()))}
-    atomic_write_text(out_dir / MANIFEST, json.dumps(data, indent=2) + "\n")
-
-
-def _set_entry(out_dir: Path, stage: str, entry: dict[str, Any] | None) -> None:
-    stages = read_manifest(out_dir)
-    if entry is None:
-        if stage not in stages:
-            return
-        del stages[stage]
-    else:
-        stages[stage] = entry
-    _write_manifest(out_dir, stages)
-
-
-def entry_problem(out_dir: Path, entry: Mapping[str, Any], identity: Mapping[str, Any]) -> str | None:
-    """Why a manifest entry cannot be trusted for `identity` (None when it can)."""
-    for key, value in identity.items():
-        if entry.get(key) != value:
-            return f"{key} changed"
-    onnx_file = out_dir / str(entry.get("file"))
-    if not onnx_file.is_file() or onnx_file.stat().st_size != entry.get("size"):
-        return f"{onnx_file.name} is missing or has another size"
-    data = entry.get("external_data")
-    if data is not None:
-        data_file = out_dir / str(data)
-        if not data_file.is_file() or data_file.stat().st_size != entry.get("data_size"):
-            return f"{data_file.name} is missing or has another size"
-    if sha256_file(onnx_file) != entry.get("sha256"):
-        return f"{onnx_file.name} has another checksum"
-    return None
-
-
 # ---- export ---------------------------------------------------------------------------------------------
 
 
@@ -219,97 +161,6 @@ def _resolve(source_or_model: ModelSource | str | Path) -> ModelSource:
     if isinstance(source_or_model, ModelSource):
         return source_or_model
     return resolve_model(source_or_model)
-
-
-def _rename_output_dims(program: Any, spec: StageSpec) -> None:
-    """Give the graph outputs the spec's dim names (the exporter writes expressions like 8*latent_height)."""
-    for value, t in zip(program.model.graph.outputs, spec.outputs, strict=True):
-        if value.shape is None:
-            continue
-        dims = [ir.SymbolicDim(d) if isinstance(d, str) else d for d in t.shape]
-        value.shape = ir.Shape(dims)
-
-
-def _optimize(model: Any) -> None:
-    """onnxscript's default graph optimization, minus the rewrite rules with multi-output patterns.
-
-    Same passes as `onnxscript.optimizer.optimize_ir` (inlining, constant folding, the default rewrite rules,
-    dead-code removal, initializer deduplication, common-subexpression elimination). A rule whose pattern
-    has several output nodes (SlicesSplit) is matched by enumerating every node of the graph for every
-    candidate: quadratic in graph size, which kept FLUX.1-dev (~23 000 nodes) in the optimizer for over
-    seven minutes. The rule only turns several Slices of one tensor into one Split.
-    The pass list uses onnxscript internals (tested with 0.7); without them, its full optimizer runs instead.
-    """
-    import onnx_ir.passes.common as common
-    import onnxscript
-    from onnxscript import optimizer, rewriter
-
-    try:
-        from onnxscript.optimizer import _constant_folding
-
-        default_rules = rewriter._DEFAULT_REWRITE_RULES
-    except (ImportError, AttributeError):
-        logger.warning(
-            "onnxscript %s: using its full optimizer, which is slow on very large graphs",
-            onnxscript.__version__,
-        )
-        optimizer.optimize_ir(model)
-        return
-    rules = [
-        rule
-        for rule in default_rules
-        if getattr(getattr(rule, "_target_pattern", None), "has_single_output_node", True)
-    ]
-    passes = ir.passes.Sequential(
-        common.InlinePass(),
-        ir.passes.PassManager(
-            [
-                _constant_folding.FoldConstantsPass(
-                    shape_inference=True,
-                    input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
-                ),
-                rewriter.RewritePass(rules),
-                common.RemoveUnusedNodesPass(),
-                common.RemoveUnusedFunctionsPass(),
-                common.RemoveUnusedOpsetsPass(),
-            ],
-            steps=2,
-            early_stop=True,
-        ),
-        common.RemoveUnusedNodesPass(),
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common.LiftSubgraphInitializersToMainGraphPass(),
-        common.DeduplicateInitializersPass(),
-        common.CommonSubexpressionEliminationPass(),
-        common.OutputFixPass(),
-        common.NameFixPass(),
-    )
-    passes(model)
-
-
-def _make_initializers_contiguous(model: Any) -> None:
-    """Give every strided numpy initializer a contiguous copy, made when it is written, one at a time.
-
-    The optimizer folds `Transpose(weight)` into initializers that are numpy views; `ndarray.tofile` writes a
-    strided array element by element, which made writing FLUX's 24 GB of external data 3x slower than
-    copying each such tensor first. The bytes written are the same. The copy is lazy (made by `ir.save` as it
-    writes that tensor, then dropped): copying them all up front held the weights in RAM twice (a 2.05 GB
-    FLUX with 2+2 blocks peaked at 4.05 GB RSS exporting on the CPU).
-    """
-    import numpy as np
-
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        raw = getattr(tensor, "raw", None)
-        if isinstance(raw, np.ndarray) and not raw.flags.c_contiguous:
-
-            def contiguous(raw: np.ndarray = raw, name: str | None = tensor.name) -> ir.Tensor:
-                return ir.Tensor(np.ascontiguousarray(raw), name=name)
-
-            value.const_value = ir.LazyTensor(
-                contiguous, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name
-            )
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:
@@ -379,7 +230,7 @@ def _write_stage(
     if fp8 is not None and fp8.method is fp8_ops.Fp8Method.WEIGHT_ONLY:
         n = fp8_ops.insert_weight_qdq(program.model, family.fp8_modules)
         logger.info("%s: fp8 weight-only Q/DQ on %d Linear weights", spec.name, n)
-    _optimize(program.model)
+    optimize(program.model)
     if fp8 is not None:
         folded = fp8_ops.fold_weight_qdq(program.model)
         if not folded:
@@ -388,8 +239,8 @@ def _write_stage(
         logger.info("%s: %d of %d weights stored as FP8 (%s)", spec.name, folded, wanted, fp8.method)
         if folded < wanted:
             logger.warning("%s: %d Linear layers stayed in %s", spec.name, wanted - folded, dtype_name(dtype))
-    _rename_output_dims(program, spec)
-    _make_initializers_contiguous(program.model)
+    rename_output_dims(program, spec)
+    make_initializers_contiguous(program.model)
     converted = time.perf_counter()
     logger.info("%s: traced and converted in %.1f s; writing", spec.name, converted - start)
 
@@ -448,11 +299,11 @@ def _export_stage(
             return out_dir / entry["file"]
         logger.info("%s: re-exporting, %s", stage, problem)
     # From here until the new entry is written, no entry vouches for this stage's files.
-    _set_entry(out_dir, stage, None)
+    set_entry(out_dir, stage, None)
     facts = _write_stage(
         source, family, spec, out_dir, dtype, opset, device, fp8 if precision == "fp8" else None
     )
-    _set_entry(out_dir, stage, {**facts, **identity, "model_id": source.model_id})
+    set_entry(out_dir, stage, {**facts, **identity, "model_id": source.model_id})
     return out_dir / facts["file"]
 
 
