@@ -302,7 +302,10 @@ def build_random(
         return module
     from .loading import place_in_parts
 
-    shared = len({id(p) for p in module.parameters()}) != sum(1 for _ in module.named_parameters())
+    # tied parameters (one tensor under two names) would be drawn twice part by part
+    shared = sum(1 for _ in module.named_parameters(remove_duplicate=False)) != sum(
+        1 for _ in module.parameters()
+    )
     if shared or any(True for _ in module.buffers()):  # buffers would need their own init: build it whole
         module = build_random(library, cls, folder, dtype, device, seed)
         per_part(module)
