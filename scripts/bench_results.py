@@ -49,6 +49,18 @@ class Request:
     def generator(self) -> torch.Generator:
         return torch.Generator("cpu").manual_seed(self.seed)
 
+    def call(self, pipe: Any, output_type: str, height: int = 0, width: int = 0) -> Any:
+        """This request through `pipe` (ours or diffusers': the same argument names), at another size if given."""
+        return pipe(
+            self.prompt,
+            height=height or self.height,
+            width=width or self.width,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            generator=self.generator(),
+            output_type=output_type,
+        )
+
 
 @dataclass(frozen=True)
 class OursSpec:
@@ -200,33 +212,13 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 
 
 def call_ours(pipe: Pipeline, request: Request, height: int = 0, width: int = 0) -> tuple[Call, np.ndarray]:
-    seconds, out = timed(
-        lambda: pipe(
-            request.prompt,
-            height=height or request.height,
-            width=width or request.width,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            generator=request.generator(),
-            output_type="np",
-        ),
-        pipe.device,
-    )
+    seconds, out = timed(lambda: request.call(pipe, "np", height, width), pipe.device)
     return Call(seconds, dict(out.timings)), out.images
 
 
 def final_latents(pipe: Pipeline, request: Request) -> torch.Tensor:
     """The request's final latents (untimed): what precision changes are judged on."""
-    out = pipe(
-        request.prompt,
-        height=request.height,
-        width=request.width,
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance,
-        generator=request.generator(),
-        output_type="latent",
-    )
-    return out.images.float().cpu()
+    return request.call(pipe, "latent").images.float().cpu()
 
 
 def rel_l2(latents: torch.Tensor, reference: torch.Tensor | None) -> float | None:
@@ -236,18 +228,7 @@ def rel_l2(latents: torch.Tensor, reference: torch.Tensor | None) -> float | Non
 
 
 def call_diffusers(dpipe: Any, request: Request, device: torch.device) -> tuple[Call, np.ndarray]:
-    seconds, out = timed(
-        lambda: dpipe(
-            request.prompt,
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            generator=request.generator(),
-            output_type="np",
-        ),
-        device,
-    )
+    seconds, out = timed(lambda: request.call(dpipe, "np"), device)
     return Call(seconds), out.images
 
 

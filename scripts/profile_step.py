@@ -43,7 +43,7 @@ CATEGORIES = (
     ("layout", re.compile(r"nchwToNhwc|nhwcToNchw", re.I)),  # cuDNN converting NCHW tensors for its kernels
     ("attention", re.compile(r"flash|fmha|attention|sdpa|_attn", re.I)),
     ("convolution", re.compile(r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd", re.I)),
-    ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|matmul|triton_tem|_mm_|scaled_mm|splitk", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|matmul|_mm_|scaled_mm|splitk", re.I)),
     ("copy / memset", re.compile(r"memcpy|memset|copy|fill", re.I)),
 )
 # Dense peaks (TFLOP/s) of the GPUs this runs on; sparsity excluded.
