@@ -39,6 +39,7 @@ def _images(pipe: Pipeline) -> np.ndarray:
         ({"attention": "magic"}, "attention must be one of"),
         ({"fp8_kernel": "int8"}, "fp8_kernel must be one of"),
         ({"autotune": "max"}, "must be true or false"),
+        ({"channels_last": "nhwc"}, "must be true or false"),
     ],
 )
 def test_options_are_validated(tiny_sd: Path, tmp_path: Path, options: dict, message: str) -> None:
@@ -49,13 +50,14 @@ def test_options_are_validated(tiny_sd: Path, tmp_path: Path, options: dict, mes
 def test_cpu_defaults_are_eager_and_expose_the_model_cache(tiny_sd: Path, tmp_path: Path) -> None:
     pipe = Pipeline.from_pretrained(tiny_sd, backend="torch", device="cpu", cache_dir=tmp_path)
     assert pipe.backend.describe().startswith("torch (eager")
+    assert not pipe.backend.channels_last  # the SD family's channels-last default is for CUDA only
     assert pipe.backend.model_cache.runtime_cache_path.is_relative_to(tmp_path)
 
 
 def test_autotune_compiles_into_artifacts_of_their_own(tiny_sd: Path, tmp_path: Path) -> None:
     """autotune=True hands Inductor max-autotune, and its artifacts are keyed apart from the default ones
     (the tuned kernels live in the compile cache prewarm.py ships)."""
-    from pipeline.engines.torch_engine import AUTOTUNE_OPTIONS
+    from pipeline.engines.torch_options import AUTOTUNE_OPTIONS
 
     tuned = Pipeline.from_pretrained(
         tiny_sd, backend="torch", device="cpu", cache_dir=tmp_path, compile=True, autotune=True
@@ -194,3 +196,85 @@ def test_compiled_sdxl_equals_eager(tiny_sdxl: Path, tmp_path: Path, monkeypatch
         images.append(pipe("a cat", generator=torch.Generator().manual_seed(0), **request).images)
     assert pipe.backend.hooks and pipe.backend.stats.regions.compiled
     np.testing.assert_allclose(images[1], images[0], atol=1e-4)
+
+
+def test_region_inputs_keep_one_layout_each() -> None:
+    """Region inputs are canonicalized: row-major, or channels-last for a 4-D tensor already in it (a
+    channels-last UNet's activations pass without a copy), size-1 dims included; the layout is in the key."""
+    from pipeline.engines.region_keys import call_signature, canonical_inputs
+
+    nhwc = torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)
+    kept = canonical_inputs(nhwc)
+    assert kept.data_ptr() == nhwc.data_ptr() and kept.stride() == (128, 1, 32, 8)
+    pooled = torch.randn(2, 8, 1, 1).to(memory_format=torch.channels_last)  # channels-last and row-major
+    assert canonical_inputs(pooled).stride() == (8, 1, 1, 1)
+    assert canonical_inputs(torch.randn(4, 6).t()).stride() == (4, 1)
+    assert canonical_inputs(torch.randn(1, 5, 3).as_strided((1, 5, 3), (7, 3, 1))).stride() == (15, 3, 1)
+    assert call_signature((nhwc,), {}) != call_signature((nhwc.contiguous(),), {})
+
+
+def test_a_failed_compiler_warmup_never_raises(caplog) -> None:
+    """The warm-up thread's failure (here: a CUDA device on a machine without one) is a log line; the first
+    compile then pays the start-up, as it would have anyway."""
+    from pipeline.engines.compile_warmup import CompilerWarmup
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with caplog.at_level("INFO"):
+        assert CompilerWarmup(torch.device("cuda", 0)).join() is None
+    assert any("compiler warm-up failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_compiler_warmup_compiles_and_runs() -> None:
+    from pipeline.engines.compile_warmup import CompilerWarmup
+
+    warmup = CompilerWarmup(torch.device("cpu"), torch.float32)
+    assert warmup.join() is not None and warmup.error is None
+
+
+@pytest.mark.slow
+def test_channels_last_unet_equals_eager(
+    tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """channels_last=True: the UNet's weights and activations in NHWC (cuDNN's native layout); resnet regions
+    receive their inputs channels-last, uncopied, and are keyed apart from row-major ones; the image is the
+    eager one. Each compile's phases (dynamo's timers) are kept for profiles."""
+    from pipeline.engines import torch_compile
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    kwargs = {"backend": "torch", "device": "cpu", "dtype": torch.float32, "compile_resnets": True}
+    eager = _images(Pipeline.from_pretrained(tiny_sd, **kwargs, cache_dir=tmp_path / "eager"))
+    seen: list[bool] = []
+    canonical = torch_compile.canonical_inputs
+
+    def spy(value):  # what region inputs look like once canonicalized
+        out = canonical(value)
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 4:
+            seen.append(
+                out[0].is_contiguous(memory_format=torch.channels_last) and not out[0].is_contiguous()
+            )
+        return out
+
+    monkeypatch.setattr(torch_compile, "canonical_inputs", spy)
+    pipe = Pipeline.from_pretrained(
+        tiny_sd, **kwargs, cache_dir=tmp_path / "nhwc", compile=True, channels_last=True
+    )
+    unet = pipe.backend.modules["unet"]
+    assert pipe.backend.channels_last and unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(_images(pipe), eager, atol=1e-4)
+    assert seen and all(seen)  # every 4-D region input arrived channels-last
+    stats = pipe.backend.stats
+    assert stats.warmup_s is None  # no warm-up thread on a CPU
+    phases = next(iter(stats.regions.phases.values()))
+    assert phases and any("compile" in name for name in phases) and max(phases.values()) > 0
+
+    seen.clear()
+    plain = Pipeline.from_pretrained(tiny_sd, **kwargs, cache_dir=tmp_path / "nchw", compile=True)
+    _images(plain)
+    assert seen and not any(seen)
+
+    def resnet_groups(p: Pipeline) -> set[str]:
+        return {g for g in p.backend.compiler.store.groups() if g.startswith("ResnetBlock2D")}
+
+    assert resnet_groups(pipe) and resnet_groups(plain) and not resnet_groups(pipe) & resnet_groups(plain)

@@ -25,7 +25,6 @@ persist through Inductor's caches (compile_cache.py).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -41,6 +40,7 @@ from torch import nn
 
 from .base import Specialization
 from .compile_cache import NATIVE_GROUP, ArtifactStore
+from .region_keys import block_fingerprint, call_signature, canonical_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -84,59 +84,6 @@ def configure_dynamo() -> None:
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
 
 
-# ---- what an artifact depends on ------------------------------------------------------------------------------
-_SCALARS = (bool, int, float, str, type(None))
-
-
-def _attribute_value(value: Any) -> Any:
-    if isinstance(value, _SCALARS):
-        return value
-    if isinstance(value, tuple | list) and all(isinstance(v, _SCALARS) for v in value):
-        return tuple(value)
-    if isinstance(value, torch.dtype | torch.device):
-        return str(value)
-    if callable(value) and hasattr(value, "__qualname__"):  # activation functions and the like
-        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-    return None
-
-
-def block_fingerprint(block: nn.Module) -> str:
-    """Everything about a block that compiled code bakes in: its classes, non-tensor attributes, attention
-    processors, and the names, shapes and dtypes of its parameters and buffers. Blocks with equal
-    fingerprints can share an artifact."""
-    h = hashlib.sha256()
-    for name, module in block.named_modules():
-        h.update(f"{name}:{type(module).__module__}.{type(module).__qualname__}\n".encode())
-        for attr, value in sorted(vars(module).items()):
-            if attr.startswith("_") or attr == "training":
-                continue
-            described = _attribute_value(value)
-            if described is not None:
-                h.update(f"  {attr}={described!r}\n".encode())
-        processor = getattr(module, "processor", None)
-        if processor is not None:
-            h.update(f"  processor={type(processor).__qualname__}\n".encode())
-    for name, tensor in (*block.named_parameters(), *block.named_buffers()):
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{type(tensor).__name__}\n".encode())
-    return h.hexdigest()[:20]
-
-
-def _describe_input(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return ("T", value.dim(), str(value.dtype), value.device.type)
-    if isinstance(value, tuple | list):
-        return (type(value).__name__, tuple(_describe_input(v) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple(sorted((k, _describe_input(v)) for k, v in value.items())))
-    return ("V", repr(value))
-
-
-def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """The structure of a call (tensor ranks, dtypes, devices; other values as such), not its sizes."""
-    text = repr((tuple(_describe_input(a) for a in args), _describe_input(kwargs)))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 # ---- compiling and loading ------------------------------------------------------------------------------------
 @dataclass
 class RegionStats:
@@ -146,6 +93,8 @@ class RegionStats:
     loaded: int = 0  # artifacts deserialized from the cache
     load_s: float = 0.0
     jit_kinds: list[str] = field(default_factory=list)  # block kinds on the JIT fallback
+    # artifact key -> seconds per compiler phase (dynamo's own timers, nested: for profiles, not sums)
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class RegionCompiler:
@@ -194,7 +143,7 @@ class RegionCompiler:
         kind = type(block).__name__
         # one memory layout per input: a view some blocks receive (FLUX's first single block gets slices of
         # the joint sequence) would otherwise fail the stride guards and cost an artifact of its own
-        args, kwargs = _contiguous(args), _contiguous(kwargs)
+        args, kwargs = canonical_inputs(args), canonical_inputs(kwargs)
         if not self.aot or kind in self._failed_kinds:
             return self._jit_call(kind, block, args, kwargs)
         group = self.group(block, args, kwargs)
@@ -232,7 +181,7 @@ class RegionCompiler:
     def _compile(
         self, group: str, kind: str, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        start = time.perf_counter()
+        start, phases = time.perf_counter(), _compile_phases()
         logger.info(
             "compiling %s ahead of time (%s shapes)...", kind, "dynamic" if self.dynamic else "static"
         )
@@ -259,6 +208,7 @@ class RegionCompiler:
         key = self.store.add(group, data)
         self._loaded.setdefault(group, []).append(fn)
         self.stats.compiled[key] = seconds
+        self.stats.phases[key] = _phases_since(phases)
         logger.info("compiled %s in %.1f s (%.1f MB)", kind, seconds, len(data) / 1e6)
         return fn
 
@@ -271,23 +221,19 @@ class RegionCompiler:
         return fn(block, *args, **kwargs)
 
 
-def _contiguous(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        if not value.is_contiguous():
-            return value.contiguous()
-        strides, step = [], 1  # the row-major strides; a size-1 dim's stride is free in torch, not in guards
-        for size in reversed(value.shape):
-            strides.append(step)
-            step *= max(size, 1)
-        strides.reverse()
-        return value if value.stride() == tuple(strides) else value.as_strided(value.shape, strides)
-    if isinstance(value, tuple):
-        return tuple(_contiguous(v) for v in value)
-    if isinstance(value, list):
-        return [_contiguous(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _contiguous(v) for k, v in value.items()}
-    return value
+def _compile_phases() -> dict[str, float]:
+    """Seconds dynamo's timers (`dynamo_timed`) have counted per phase in this process so far."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:  # a private table: without it, profiles lack the breakdown, nothing else
+        return {}
+    return {name: sum(values) for name, values in compilation_time_metrics.items()}
+
+
+def _phases_since(before: dict[str, float], least: float = 0.05) -> dict[str, float]:
+    now = _compile_phases()
+    spent = {name: now[name] - before.get(name, 0.0) for name in now}
+    return {name: round(s, 3) for name, s in sorted(spent.items(), key=lambda kv: -kv[1]) if s >= least}
 
 
 class _NeverMatches:

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import InvalidInputError
 from ..families import Family, StageSpec
 from ..families.base import Tensors
-from .base import Backend, Precision, Specialization, parse_precision
+from .base import Backend, Precision, Specialization
 from .compile_cache import INDUCTOR_GROUP, ArtifactStore, load_store, save_store
+from .compile_warmup import CompilerWarmup
 from .fusion import fuse_projections
 from .torch_compile import (
     RESNET_REGIONS,
@@ -39,139 +39,18 @@ from .torch_compile import (
     configure_dynamo,
     wrap_regions,
 )
+from .torch_options import (
+    AUTOTUNE_OPTIONS,
+    INDUCTOR_OPTIONS,
+    TorchOptions,
+    choose_attention,
+)
 
 if TYPE_CHECKING:
     from ..cache import ModelCache
     from ..denoise import DenoiseState, StepGraph
 
 logger = logging.getLogger(__name__)
-
-OPTIONS = (
-    "compile",
-    "cuda_graphs",
-    "specialization",
-    "precision",
-    "attention",
-    "fp8_kernel",
-    "compile_vae",
-    "compile_resnets",
-    "autotune",
-)
-_PLUMBING = ("cache_dir", "model_cache")  # passed by the pipeline, not by users
-# Inductor options for the regions. Default mode: the large GEMMs go to cuBLAS either way; Inductor's own
-# CUDA graphs stay off (we capture the whole step ourselves).
-INDUCTOR_OPTIONS: dict[str, Any] = {}
-# autotune=True: Inductor benchmarks Triton GEMM templates against cuBLAS for each GEMM while it compiles.
-# What it picks is baked into the ahead-of-time artifact, so it is paid once, kept in the model's compile
-# cache and shipped with it by prewarm.py. Off by default: on the H200 (FLUX.1-dev 1024², torch 2.11,
-# 2026-12-01, scripts/profile_step.py) cuBLAS won every large GEMM, steady 3.997 s against 3.983 s
-# without, and the first call's compile took 108 s instead of 25 s.
-AUTOTUNE_OPTIONS: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm": True}
-# The VAE decoder stays eager by default: on an H100 (FLUX-dev, 512x512, 2026-11-24, scripts/bench.py)
-# compiling it took 42-45 s of a 59 s first call for a decode of 0.018 s compiled vs 0.024 s eager.
-DEFAULT_COMPILE_VAE = False
-# Attention on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms against
-# flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
-# the since-removed scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere.
-ATTENTION_CHOICES = ("auto", "cudnn", "flash", "default")
-# fp8 Linear kernels: torchao's Float8DynamicActivationFloat8WeightConfig (per-row scales) or our own
-# torch._scaled_mm module (fp8.py); see fp8.py for which is the default and why.
-FP8_KERNELS = ("torchao", "scaled_mm")
-SPECIALIZATIONS = (Specialization.NONE, Specialization.EAGER)
-# The UNets' ResnetBlock2D as regions too (besides their attention blocks). Off by default: each of their
-# dozen shapes is one more artifact to compile cold; see the README for the measured trade-off.
-DEFAULT_COMPILE_RESNETS = False
-
-
-def choose_attention(device: torch.device, choice: str) -> str:
-    """Set torch's (process-wide) SDPA backend flags for `choice`; returns the backend in use."""
-    if device.type != "cuda" or choice == "default":
-        return "default"
-    if choice == "auto":
-        choice = "cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "default"
-        if choice == "default":
-            return choice
-    torch.backends.cuda.enable_cudnn_sdp(choice == "cudnn")
-    torch.backends.cuda.enable_flash_sdp(choice == "flash")
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
-    logger.info("attention: %s fused attention", "cuDNN" if choice == "cudnn" else "flash")
-    return choice
-
-
-@dataclass(frozen=True)
-class TorchOptions:
-    """The torch backend's options, checked."""
-
-    compile: bool
-    cuda_graphs: bool
-    specialization: Specialization
-    precision: Precision | None
-    attention: str = "auto"
-    fp8_kernel: str | None = None  # None: fp8.DEFAULT_KERNEL
-    compile_vae: bool = DEFAULT_COMPILE_VAE
-    compile_resnets: bool = DEFAULT_COMPILE_RESNETS
-    autotune: bool = False
-
-    @classmethod
-    def parse(cls, device: torch.device, options: dict[str, Any]) -> TorchOptions:
-        unknown = sorted(set(options) - set(OPTIONS) - set(_PLUMBING))
-        if unknown:
-            raise InvalidInputError(
-                f"unknown torch backend option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}"
-            )
-        cuda = device.type == "cuda"
-        compile_ = _flag(options, "compile", default=cuda)
-        graphs = _flag(options, "cuda_graphs", default=cuda)
-        if graphs and not cuda:
-            raise InvalidInputError(
-                f"cuda_graphs needs a CUDA device, this is {device.type}; drop --cuda-graphs"
-            )
-        specialization = _choice(options, "specialization", Specialization, Specialization.NONE)
-        if specialization not in SPECIALIZATIONS:
-            raise InvalidInputError(
-                "specialization lazy is a TensorRT-RTX option; the torch backend serves every size with "
-                "generic dynamic-shape kernels (none, the default) or static ones per size (eager)"
-            )
-        precision = parse_precision(options.get("precision"))
-        if precision is Precision.FP8:
-            from .fp8 import fp8_supported
-
-            ok, why = fp8_supported(device)
-            if not ok:
-                raise InvalidInputError(f"precision fp8 cannot run here: {why}; leave precision unset")
-        attention = options.get("attention") or "auto"
-        if attention not in ATTENTION_CHOICES:
-            raise InvalidInputError(
-                f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}"
-            )
-        kernel = options.get("fp8_kernel")
-        if kernel is not None and kernel not in FP8_KERNELS:
-            raise InvalidInputError(f"fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got {kernel!r}")
-        vae = _flag(options, "compile_vae", default=DEFAULT_COMPILE_VAE)
-        resnets = _flag(options, "compile_resnets", default=DEFAULT_COMPILE_RESNETS)
-        autotune = _flag(options, "autotune", default=False)
-        return cls(compile_, graphs, specialization, precision, attention, kernel, vae, resnets, autotune)
-
-
-def _flag(options: dict[str, Any], name: str, default: bool) -> bool:
-    value = options.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidInputError(f"option {name} must be true or false, got {value!r}")
-    return value
-
-
-def _choice(options: dict[str, Any], name: str, enum: Any, default: Any) -> Any:
-    value = options.get(name)
-    if value is None:
-        return default
-    try:
-        return enum(value)
-    except ValueError:
-        raise InvalidInputError(
-            f"{name} must be one of {', '.join(v.value for v in enum)}, got {value!r}"
-        ) from None
 
 
 class TorchEngine:
@@ -195,6 +74,7 @@ class TorchStats:
     cache_artifacts: int = 0
     captures: dict[str, float] = field(default_factory=dict)
     regions: RegionStats = field(default_factory=RegionStats)
+    warmup_s: float | None = None  # the compiler's start-up, done while the model loaded (compile_warmup.py)
 
 
 class TorchBackend(Backend):
@@ -223,6 +103,15 @@ class TorchBackend(Backend):
             from .fp8 import DEFAULT_KERNEL
 
             self.fp8_kernel = self.options.fp8_kernel or DEFAULT_KERNEL
+        self.tag = f"attn-{self.attention}" + (f"-fp8-{self.fp8_kernel}" if self.fp8_kernel else "")
+        if self.options.autotune:
+            self.tag += "-autotune"  # its artifacts hold other kernels: never mixed with the default ones
+        store, warmup = None, None
+        if self.options.compile:  # the cache first: whether a compile is coming decides the warm-up
+            configure_dynamo()
+            store = self._load_compile_cache()
+            if device.type == "cuda" and not self._has_regions(store):
+                warmup = CompilerWarmup(device, dtype)
         # fp8 with our kernel on a family whose attention reads fused layers by a flag (FLUX): quantized and
         # fused block by block while loading, so the bf16 model is never whole on the GPU.
         streamed = self.fp8_kernel == "scaled_mm" and family.fp8_while_loading
@@ -249,22 +138,31 @@ class TorchBackend(Backend):
                 quantize_linears(denoiser, kernel=self.fp8_kernel)
         if device.type == "cuda" and "vae" in modules:
             modules["vae"].to(memory_format=torch.channels_last)
-        if self.options.compile:
-            self._prepare_compile(denoiser, modules.get("vae"))
+        wanted = self.options.channels_last
+        if wanted is None:
+            wanted = device.type == "cuda" and family.channels_last_on_cuda
+        self.channels_last = wanted and _has_convolutions(denoiser)
+        if self.channels_last:
+            denoiser.to(memory_format=torch.channels_last)
+        if store is not None:
+            self._prepare_compile(store, denoiser, modules.get("vae"))
+        if warmup is not None:
+            self.stats.warmup_s = warmup.join()
         for stage in family.stages.values():
             self.engines[stage.name] = TorchEngine(stage, modules[stage.component])
 
     # ---- compile --------------------------------------------------------------------------------------
-    def _prepare_compile(self, denoiser: torch.nn.Module, vae: torch.nn.Module | None) -> None:
-        configure_dynamo()
-        store = self._load_compile_cache()
-        tag = f"attn-{self.attention}" + (f"-fp8-{self.fp8_kernel}" if self.fp8_kernel else "")
-        inductor = dict(INDUCTOR_OPTIONS)
-        if self.options.autotune:
-            tag += "-autotune"  # its artifacts hold other kernels: never mixed with the default ones
-            inductor |= AUTOTUNE_OPTIONS
+    def _has_regions(self, store: ArtifactStore) -> bool:
+        """Whether the cache holds region artifacts compiled with these options (else a compile is coming)."""
+        mode = "static" if self.options.specialization is Specialization.EAGER else "dyn"
+        return any(group.endswith(f"-{mode}-{self.tag}") for group in store.groups())
+
+    def _prepare_compile(
+        self, store: ArtifactStore, denoiser: torch.nn.Module, vae: torch.nn.Module | None
+    ) -> None:
+        inductor = dict(INDUCTOR_OPTIONS) | (AUTOTUNE_OPTIONS if self.options.autotune else {})
         self.compiler = RegionCompiler(
-            store, specialization=self.options.specialization, options=inductor, tag=tag
+            store, specialization=self.options.specialization, options=inductor, tag=self.tag
         )
         self.stats.regions = self.compiler.stats
         extra = RESNET_REGIONS if self.options.compile_resnets else ()
@@ -388,6 +286,10 @@ class TorchBackend(Backend):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
+
+
+def _has_convolutions(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
 
 
 def _fp8_part(module: torch.nn.Module, device: torch.device) -> None:

@@ -209,6 +209,9 @@ class Family(ABC):
     # torch fp8: the denoiser can be quantized and its Q/K/V fused block by block while it loads (its
     # attentions read fused layers by their `fused_projections` flag; UNets switch processor classes instead)
     fp8_while_loading: ClassVar[bool] = False
+    # torch on CUDA: the denoiser in channels-last memory layout unless the user says otherwise (the torch
+    # backend's `channels_last` option); set per family by measurement (torch_options.py)
+    channels_last_on_cuda: ClassVar[bool] = False
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source

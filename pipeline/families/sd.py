@@ -49,6 +49,7 @@ class StableDiffusionFamily(Family):
     scheduler_class = "PNDMScheduler"
     call_options = frozenset({"guidance_rescale"})
     fp8_modules = ("*attentions.*",)  # the transformer blocks' projections and feed-forwards
+    channels_last_on_cuda = True  # SD 1.5 512², H200: 0.52 s steady vs 0.61 s NCHW (torch_options.py)
 
     @property
     def granularity(self) -> int:

@@ -1,0 +1,166 @@
+"""The torch backend's options: names, defaults (each with the measurement behind it), and their checks.
+
+Bad values raise InvalidInputError with one line that says what to pass instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInputError
+from .base import Precision, Specialization, parse_precision
+
+logger = logging.getLogger(__name__)
+
+OPTIONS = (
+    "compile",
+    "cuda_graphs",
+    "specialization",
+    "precision",
+    "attention",
+    "fp8_kernel",
+    "compile_vae",
+    "compile_resnets",
+    "autotune",
+    "channels_last",
+)
+_PLUMBING = ("cache_dir", "model_cache")  # passed by the pipeline, not by users
+# Inductor options for the regions. Default mode: the large GEMMs go to cuBLAS either way; Inductor's own
+# CUDA graphs stay off (we capture the whole step ourselves).
+INDUCTOR_OPTIONS: dict[str, Any] = {}
+# autotune=True: Inductor benchmarks Triton GEMM templates against cuBLAS for each GEMM while it compiles.
+# What it picks is baked into the ahead-of-time artifact, so it is paid once, kept in the model's compile
+# cache and shipped with it by prewarm.py. Off by default: on the H200 (FLUX.1-dev 1024², torch 2.11,
+# 2026-12-01, scripts/profile_step.py) cuBLAS won every large GEMM, steady 3.997 s against 3.983 s
+# without, and the first call's compile took 108 s instead of 25 s.
+AUTOTUNE_OPTIONS: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm": True}
+# The VAE decoder stays eager by default: on an H100 (FLUX-dev, 512x512, 2026-11-24, scripts/bench.py)
+# compiling it took 42-45 s of a 59 s first call for a decode of 0.018 s compiled vs 0.024 s eager.
+DEFAULT_COMPILE_VAE = False
+# Attention on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms against
+# flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
+# the since-removed scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere.
+ATTENTION_CHOICES = ("auto", "cudnn", "flash", "default")
+# fp8 Linear kernels: torchao's Float8DynamicActivationFloat8WeightConfig (per-row scales) or our own
+# torch._scaled_mm module (fp8.py); see fp8.py for which is the default and why.
+FP8_KERNELS = ("torchao", "scaled_mm")
+SPECIALIZATIONS = (Specialization.NONE, Specialization.EAGER)
+# The UNets' ResnetBlock2D as regions too (besides their attention blocks). Off by default: each of their
+# dozen shapes is one more artifact to compile cold; see the README for the measured trade-off.
+DEFAULT_COMPILE_RESNETS = False
+# `channels_last`: a convolutional denoiser (the UNets) in channels-last memory layout, its region inputs kept
+# channels-last. Unset, each family's `channels_last_on_cuda` decides on CUDA; off on the CPU, where the
+# reference equality with diffusers is checked in NCHW. Measured on the H200 (torch 2.11, fp16,
+# scripts/bench.py and scripts/profile_step.py, 2026-12-02): SD 1.5 512², 50 steps, NCHW spent 0.17 s of a
+# 0.64 s call in 5,151 cuDNN layout conversions; channels-last ran 0.52 s steady against 0.61 s. SDXL 1024²,
+# 30 steps, whose time is mostly attention and GEMMs, ran 1.36 s channels-last against 1.32 s NCHW.
+
+
+def choose_attention(device: torch.device, choice: str) -> str:
+    """Set torch's (process-wide) SDPA backend flags for `choice`; returns the backend in use."""
+    if device.type != "cuda" or choice == "default":
+        return "default"
+    if choice == "auto":
+        choice = "cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "default"
+        if choice == "default":
+            return choice
+    torch.backends.cuda.enable_cudnn_sdp(choice == "cudnn")
+    torch.backends.cuda.enable_flash_sdp(choice == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    logger.info("attention: %s fused attention", "cuDNN" if choice == "cudnn" else "flash")
+    return choice
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """The torch backend's options, checked."""
+
+    compile: bool
+    cuda_graphs: bool
+    specialization: Specialization
+    precision: Precision | None
+    attention: str = "auto"
+    fp8_kernel: str | None = None  # None: fp8.DEFAULT_KERNEL
+    compile_vae: bool = DEFAULT_COMPILE_VAE
+    compile_resnets: bool = DEFAULT_COMPILE_RESNETS
+    autotune: bool = False
+    channels_last: bool | None = None  # None: the family's choice on CUDA, off elsewhere
+
+    @classmethod
+    def parse(cls, device: torch.device, options: dict[str, Any]) -> TorchOptions:
+        unknown = sorted(set(options) - set(OPTIONS) - set(_PLUMBING))
+        if unknown:
+            raise InvalidInputError(
+                f"unknown torch backend option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}"
+            )
+        cuda = device.type == "cuda"
+        compile_ = _flag(options, "compile", default=cuda)
+        graphs = _flag(options, "cuda_graphs", default=cuda)
+        if graphs and not cuda:
+            raise InvalidInputError(
+                f"cuda_graphs needs a CUDA device, this is {device.type}; drop --cuda-graphs"
+            )
+        specialization = _choice(options, "specialization", Specialization, Specialization.NONE)
+        if specialization not in SPECIALIZATIONS:
+            raise InvalidInputError(
+                "specialization lazy is a TensorRT-RTX option; the torch backend serves every size with "
+                "generic dynamic-shape kernels (none, the default) or static ones per size (eager)"
+            )
+        precision = parse_precision(options.get("precision"))
+        if precision is Precision.FP8:
+            from .fp8 import fp8_supported
+
+            ok, why = fp8_supported(device)
+            if not ok:
+                raise InvalidInputError(f"precision fp8 cannot run here: {why}; leave precision unset")
+        attention = options.get("attention") or "auto"
+        if attention not in ATTENTION_CHOICES:
+            raise InvalidInputError(
+                f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}"
+            )
+        kernel = options.get("fp8_kernel")
+        if kernel is not None and kernel not in FP8_KERNELS:
+            raise InvalidInputError(f"fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got {kernel!r}")
+        vae = _flag(options, "compile_vae", default=DEFAULT_COMPILE_VAE)
+        resnets = _flag(options, "compile_resnets", default=DEFAULT_COMPILE_RESNETS)
+        autotune = _flag(options, "autotune", default=False)
+        channels_last = options.get("channels_last")
+        if channels_last is not None:
+            channels_last = _flag(options, "channels_last", default=False)
+        return cls(
+            compile_,
+            graphs,
+            specialization,
+            precision,
+            attention,
+            kernel,
+            vae,
+            resnets,
+            autotune,
+            channels_last,
+        )
+
+
+def _flag(options: dict[str, Any], name: str, default: bool) -> bool:
+    value = options.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"option {name} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(options: dict[str, Any], name: str, enum: Any, default: Any) -> Any:
+    value = options.get(name)
+    if value is None:
+        return default
+    try:
+        return enum(value)
+    except ValueError:
+        raise InvalidInputError(
+            f"{name} must be one of {', '.join(v.value for v in enum)}, got {value!r}"
+        ) from None
