@@ -87,6 +87,8 @@ ALL_CONFIGS = (
     "static",
     "static_graphs",
     "graphs_resnets",
+    "graphs_nchw",
+    "graphs_flash",
     "fp8_torchao",
     "fp8_scaled_mm",
     "start",
@@ -94,10 +96,19 @@ ALL_CONFIGS = (
 OPT_IN_CONFIGS = (
     "static_graphs",
     "graphs_resnets",
+    "graphs_nchw",
+    "graphs_flash",
     "fp8_torchao",
     "fp8_scaled_mm",
 )  # measured only when --configs names them
 DIFFUSERS_CONFIGS = ("diffusers_eager", "diffusers_compiled")
+NEW_SIZE_CONFIGS = (  # --new-size measured
+    "adaptive",
+    "adaptive_graphs",
+    "graphs_resnets",
+    "graphs_nchw",
+    "graphs_flash",
+)
 
 # ---- one function per measurement ------------------------------------------------------------------------
 
@@ -132,7 +143,7 @@ def measure_ours(
                 logger.info("%s: call %d/%d %.3f s", name, i + 1, count, call.seconds)
             result.max_abs_diff = max_abs_diff(images, reference)
             result.latent_rel_l2 = rel_l2(final_latents(pipe, setup.request), latents)
-            if setup.new_size and name.startswith("adaptive"):
+            if setup.new_size and name in NEW_SIZE_CONFIGS:
                 height, width = setup.new_size
                 for _ in range(2):
                     call, _ = call_ours(pipe, setup.request, height, width)

@@ -89,7 +89,13 @@ OURS = {
     "static": OursSpec("ours, static (built ahead)", "eager", cuda_graphs=False, compiled=True),
     "static_graphs": OursSpec("ours, static + CUDA graphs", "eager", cuda_graphs=True, compiled=True),
     "graphs_resnets": OursSpec(
-        "ours, + resnet regions + graphs", None, True, True, (("compile_resnets", True),)
+        "ours, + resnet regions + graphs (UNets)", None, True, True, (("compile_resnets", True),)
+    ),
+    "graphs_nchw": OursSpec(
+        "ours, NCHW UNet (channels_last off) + graphs", None, True, True, (("channels_last", False),)
+    ),
+    "graphs_flash": OursSpec(
+        "ours, flash attention (not cuDNN's) + graphs", None, True, True, (("attention", "flash"),)
     ),
     "fp8_torchao": OursSpec(
         "ours, fp8 torchao + graphs", None, True, True, (("precision", "fp8"), ("fp8_kernel", "torchao"))

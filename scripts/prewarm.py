@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp8"], default=None, help="ship the fp8 model's cache")
     p.add_argument("--autotune", action="store_true",
                    help="torch: tune the GEMMs while compiling (max-autotune); paid here, shipped")  # fmt: skip
+    p.add_argument("--compile-resnets", action="store_true",
+                   help="torch: the UNets' resnet blocks as compiled regions too (faster steady, slow cold)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("caches"), help="shipped caches folder (default caches/)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -75,10 +77,12 @@ def prewarm(args: argparse.Namespace) -> ShippedCache:
     backend_options = {"compile": True} if backend == "torch" else {"build": True}
     if args.precision:
         backend_options["precision"] = args.precision
-    if args.autotune:
-        if backend != "torch":
-            raise SystemExit("error: --autotune is a torch backend option (TensorRT-RTX tunes at run time)")
-        backend_options["autotune"] = True  # the tuned kernels go into the shipped compile cache
+    # torch-only options whose compiled code goes into the shipped compile cache (the app passes them too)
+    for flag in ("autotune", "compile_resnets"):
+        if getattr(args, flag):
+            if backend != "torch":
+                raise SystemExit(f"error: --{flag.replace('_', '-')} is a torch backend option")
+            backend_options[flag] = True
     with tempfile.TemporaryDirectory(prefix="prewarm-") as tmp:
         pipe = Pipeline.from_pretrained(
             args.model,

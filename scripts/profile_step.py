@@ -96,26 +96,45 @@ def count_flops(pipe: Pipeline, call: Any, steps: int) -> dict[str, Any]:
     return {"per_step": step, "outside_loop": outside, "call": total}
 
 
-def profile_call(call: Any) -> tuple[float, list[dict[str, Any]]]:
-    """One call under torch.profiler: wall seconds and every GPU kernel's name, count and total time."""
+def profile_call(call: Any, *args: Any) -> tuple[float, list[dict[str, Any]], list[dict[str, Any]]]:
+    """One call under torch.profiler: wall seconds, every GPU kernel's name, count and total time, and the
+    host's busiest operators (self CPU time: what a call spends outside the GPU, a first call's set-up)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        call(None)
+        call(None, *args)
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     from torch.autograd import DeviceType
 
-    kernels = []
-    for avg in prof.key_averages():  # GPU-side events only: kernels, copies, memsets
+    kernels, host = [], []
+    for avg in prof.key_averages():  # GPU-side events: kernels, copies, memsets; CPU-side: operators
         device_us = getattr(avg, "self_device_time_total", 0) or 0
-        if getattr(avg, "device_type", None) != DeviceType.CUDA or device_us <= 0:
-            continue
-        kernels.append({"name": avg.key, "count": avg.count, "seconds": device_us / 1e6})
+        if getattr(avg, "device_type", None) == DeviceType.CUDA and device_us > 0:
+            kernels.append({"name": avg.key, "count": avg.count, "seconds": device_us / 1e6})
+        elif getattr(avg, "device_type", None) == DeviceType.CPU and avg.self_cpu_time_total > 0:
+            host.append({"name": avg.key[:160], "count": avg.count, "seconds": avg.self_cpu_time_total / 1e6})
     kernels.sort(key=lambda k: -k["seconds"])
-    return wall, kernels
+    host.sort(key=lambda k: -k["seconds"])
+    return wall, kernels, [{**h, "seconds": round(h["seconds"], 4)} for h in host[:25]]
+
+
+def time_call(call: Any, *args: Any) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    call(None, *args)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """KEY=VALUE of a backend option: true/false are booleans, the rest strings."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def summarize(
@@ -195,6 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("fp8",), default=None)
     parser.add_argument("--warmup", type=int, default=2, help="calls before the profiled one")
     parser.add_argument("--fp8-attention", action="store_true")
+    parser.add_argument(
+        "--option",
+        type=parse_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a backend option (channels_last=true, compile_resnets=true, ...)",
+    )
+    parser.add_argument(
+        "--new-size",
+        default=None,
+        metavar="WIDTHxHEIGHT",
+        help="also profile the first call at this size (after the steady one)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -207,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     options: dict[str, Any] = {"precision": args.precision} if args.precision else {}
+    options |= dict(args.option)
     pipe = Pipeline.from_pretrained(
         args.model, device="cuda", dtype=DTYPES[args.dtype] if args.dtype else None,
         cache_dir=args.cache_dir, **options,
@@ -216,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.progress = False
     steps = args.steps or pipe.family.default_steps
 
-    def call(n: int | None) -> Any:
-        return pipe("a photo of an astronaut riding a horse on mars", height=height, width=width,
+    def call(n: int | None, size: tuple[int, int] = (width, height)) -> Any:
+        return pipe("a photo of an astronaut riding a horse on mars", height=size[1], width=size[0],
                     num_inference_steps=n or steps, generator=torch.Generator().manual_seed(0),
                     output_type="np")  # fmt: skip
 
@@ -230,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         first = first if first is not None else time.perf_counter() - t
         logger.info("warm-up %d: %.3f s", i + 1, time.perf_counter() - t)
-    wall, kernels = profile_call(call)
+    wall, kernels, host = profile_call(call)
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), {})
     dtype_key = "fp8" if args.precision else {torch.float16: "fp16"}.get(pipe.dtype, "bf16")
@@ -242,8 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         "serving_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "first_call_s": round(first, 3) if first is not None else None,
         "flops": flops, "peak_tflops": peak,
-        "profiled_call": summarize(wall, kernels, flops, peak, dtype_key),
+        "options": options, "profiled_call": summarize(wall, kernels, flops, peak, dtype_key) | {"host": host},
     }  # fmt: skip
+    if args.new_size:  # a new size's first call: what it does besides the steady work (captures, set-up)
+        size = parse_size(args.new_size)
+        wall, kernels, host = profile_call(call, size)
+        new = summarize(wall, kernels, flops, peak, dtype_key)
+        steady = [time_call(call, size) for _ in range(2)]
+        report["new_size"] = {"size": list(size), "first_call": new | {"host": host}, "steady_s": min(steady)}
+        logger.info("new size %dx%d: first %.3f s, steady %.3f s", *size, wall, min(steady))
     if args.fp8_attention:
         report["fp8_attention"] = fp8_attention_check(device, tokens=(width // 16) * (height // 16) + 512,
                                                       heads=24, head_dim=128)  # fmt: skip
