@@ -270,6 +270,7 @@ class Pipeline:
             rescale = float(options.get("guidance_rescale", 0.0))
             self._num_timesteps = plan.num_evaluations
             timesteps = plan.timesteps if isinstance(plan, Schedule) else plan.scheduler.timesteps
+            self.backend.between_calls()
             with tqdm(
                 total=plan.num_evaluations, desc="denoising", disable=not self.progress, leave=False
             ) as bar:
@@ -291,6 +292,7 @@ class Pipeline:
                         on_step,
                         rescale,
                     )
+            self.backend.between_calls()
             clock = self._lap(timings, "denoise", clock)
 
             # 4. decode

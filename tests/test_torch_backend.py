@@ -40,6 +40,7 @@ def _images(pipe: Pipeline) -> np.ndarray:
         ({"fp8_kernel": "int8"}, "fp8_kernel must be one of"),
         ({"autotune": "max"}, "must be true or false"),
         ({"channels_last": "nhwc"}, "must be true or false"),
+        ({"compile_resnets": "later"}, "compile_resnets must be one of"),
     ],
 )
 def test_options_are_validated(tiny_sd: Path, tmp_path: Path, options: dict, message: str) -> None:
@@ -278,3 +279,36 @@ def test_channels_last_unet_equals_eager(
         return {g for g in p.backend.compiler.store.groups() if g.startswith("ResnetBlock2D")}
 
     assert resnet_groups(pipe) and resnet_groups(plain) and not resnet_groups(pipe) & resnet_groups(plain)
+
+
+@pytest.mark.slow
+def test_background_resnets_swap_in_and_persist(
+    tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compile_resnets="background": the first call runs the resnets eagerly and compiles none of them; a worker
+    process compiles them into the cache file; they are swapped in between calls (the image stays the eager
+    one), and a new process loads them without compiling or submitting anything."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    kwargs = {"backend": "torch", "device": "cpu", "dtype": torch.float32}
+    eager = _images(Pipeline.from_pretrained(tiny_sd, **kwargs, cache_dir=tmp_path / "eager"))
+    cache = tmp_path / "cache"
+    with Pipeline.from_pretrained(
+        tiny_sd, **kwargs, cache_dir=cache, compile=True, compile_resnets="background"
+    ) as pipe:
+        backend = pipe.backend
+        np.testing.assert_allclose(_images(pipe), eager, atol=1e-4)
+        assert backend.background_busy
+        assert not any(key.startswith("ResnetBlock2D") for key in backend.stats.regions.compiled)
+        assert backend.wait_background(600)
+        assert backend.stats.regions.background > 0
+        np.testing.assert_allclose(_images(pipe), eager, atol=1e-4)
+        assert not backend.background_busy  # the same shapes: nothing new to compile
+        landed = backend.stats.regions.background
+
+    again = Pipeline.from_pretrained(
+        tiny_sd, **kwargs, cache_dir=cache, compile=True, compile_resnets="background"
+    )
+    with again:
+        np.testing.assert_allclose(_images(again), eager, atol=1e-4)
+        stats = again.backend.stats.regions
+        assert stats.loaded >= landed and not stats.compiled and not again.backend.background_busy

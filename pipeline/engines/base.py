@@ -99,5 +99,9 @@ class Backend(ABC):
         """
         return fn
 
+    def between_calls(self) -> None:
+        """Runs before and after each denoising loop, outside any CUDA graph: a backend's housekeeping
+        (the torch backend starts and swaps in background compiles). Nothing by default."""
+
     def close(self) -> None:
         """Persist what this backend compiled (runtime / compile cache). Safe to call twice."""

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .background_compile import BackgroundCompiler
 from .base import Specialization
 from .compile_cache import NATIVE_GROUP, ArtifactStore
 from .region_keys import block_fingerprint, call_signature, canonical_inputs
@@ -91,6 +92,7 @@ class RegionStats:
 
     compiled: dict[str, float] = field(default_factory=dict)  # artifact key -> seconds to compile
     loaded: int = 0  # artifacts deserialized from the cache
+    background: int = 0  # artifacts compiled by the background compiler and swapped in
     load_s: float = 0.0
     jit_kinds: list[str] = field(default_factory=list)  # block kinds on the JIT fallback
     # artifact key -> seconds per compiler phase (dynamo's own timers, nested: for profiles, not sums)
@@ -109,6 +111,9 @@ class RegionCompiler:
         tag: str = "",
     ) -> None:
         self.store = store
+        # block kinds compiled by `background` (background_compile.py) and eager until their artifacts land
+        self.background: BackgroundCompiler | None = None
+        self.deferred: frozenset[str] = frozenset()
         self.dynamic = specialization is not Specialization.EAGER
         self.options = dict(options or {})
         self.tag = tag  # what else artifacts depend on (attention backend, precision...)
@@ -157,10 +162,28 @@ class RegionCompiler:
                 kind,
                 _guard_failure(artifacts[-1], block, args, kwargs),
             )
+        if kind in self.deferred:  # eager until the background compiler lands it (never compiled here)
+            if self.background is not None:
+                self.background.submit(group, block, args, kwargs)
+            return block._class_forward(block, *args, **kwargs)
         fn = self._compile(group, kind, block, args, kwargs)
         if fn is None:
             return self._jit_call(kind, block, args, kwargs)
         return fn(block, *args, **kwargs)
+
+    def swap_in(self) -> int:
+        """Take what the background compiler finished into the store and serve it from now on; returns how
+        many artifacts it was (the caller recaptures CUDA graphs that ran those regions eagerly)."""
+        if self.background is None:
+            return 0
+        landed = self.background.take()
+        for item in landed:
+            self.store.add(item.group, item.data)
+            for rel, lib in item.native.items():
+                self.store.put(f"{NATIVE_GROUP}/{rel}", NATIVE_GROUP, lib)
+            self._artifacts(item.group)
+        self.stats.background += len(landed)
+        return len(landed)
 
     def _artifacts(self, group: str) -> list[Callable[..., Any]]:
         loaded = self._loaded.setdefault(group, [])
@@ -186,18 +209,10 @@ class RegionCompiler:
             "compiling %s ahead of time (%s shapes)...", kind, "dynamic" if self.dynamic else "static"
         )
         try:
-            compiled = torch.compile(
-                _run_block,
-                fullgraph=True,
-                dynamic=self.dynamic,
-                options={**self.options, "guard_filter_fn": _keep_guards},
+            fn, data, native = aot_compile_region(
+                block, args, kwargs, dynamic=self.dynamic, options=self.options
             )
-            # sizes that happen to be equal (a token count and a width) must not share one symbol
-            before = native_files()
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
-                fn = compiled.aot_compile(((block, *args), kwargs))
-            data = _serialize(fn)
-            keep_native(self.store, native_files() - before)
+            keep_native(self.store, native)
         except Exception as e:
             logger.warning(
                 "ahead-of-time compile of %s failed (%s); it uses torch.compile instead", kind, _short(e)
@@ -219,6 +234,21 @@ class RegionCompiler:
             self._jit[kind] = fn
             self.stats.jit_kinds.append(kind)
         return fn(block, *args, **kwargs)
+
+
+def aot_compile_region(
+    block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool, options: dict[str, Any]
+) -> tuple[Any, bytes, set[str]]:
+    """Compile `_run_block` for `block` and inputs like these, ahead of time. Returns the compiled function,
+    its serialized bytes and the CPU kernel libraries Inductor compiled for it (paths in its cache folder)."""
+    compiled = torch.compile(
+        _run_block, fullgraph=True, dynamic=dynamic, options={**options, "guard_filter_fn": _keep_guards}
+    )
+    # sizes that happen to be equal (a token count and a width) must not share one symbol
+    before = native_files()
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
+        fn = compiled.aot_compile(((block, *args), kwargs))
+    return fn, _serialize(fn), native_files() - before
 
 
 def _compile_phases() -> dict[str, float]:

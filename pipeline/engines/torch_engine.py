@@ -27,6 +27,7 @@ import torch
 
 from ..families import Family, StageSpec
 from ..families.base import Tensors
+from .background_compile import BackgroundCompiler
 from .base import Backend, Precision, Specialization
 from .compile_cache import INDUCTOR_GROUP, ArtifactStore, load_store, save_store
 from .compile_warmup import CompilerWarmup
@@ -96,6 +97,11 @@ class TorchBackend(Backend):
         self._pool: Any = None
         self._graphed_calls: dict[str, Any] = {}  # denoise.CudaGraphCall per name (own-step schedulers)
         self._bypass = False
+        resnets = self.options.compile_resnets
+        if resnets is None:
+            cuda_compiled = device.type == "cuda" and self.options.compile
+            resnets = family.compile_resnets_on_cuda if cuda_compiled else "off"
+        self.compile_resnets = resnets if self.options.compile else "off"
 
         source = family.source
         self.fp8_kernel: str | None = None
@@ -165,7 +171,17 @@ class TorchBackend(Backend):
             store, specialization=self.options.specialization, options=inductor, tag=self.tag
         )
         self.stats.regions = self.compiler.stats
-        extra = RESNET_REGIONS if self.options.compile_resnets else ()
+        extra = RESNET_REGIONS if self.compile_resnets != "off" else ()
+        if self.compile_resnets == "background":
+            self.compiler.background = BackgroundCompiler(
+                device=self.device,
+                dynamic=self.compiler.dynamic,
+                options=inductor,
+                cache_path=self.model_cache.runtime_cache_path,
+                platform_key=self.model_cache.platform_key,
+                meta=self._cache_meta(),
+            )
+            self.compiler.deferred = frozenset(RESNET_REGIONS)
         self.hooks = wrap_regions(denoiser, self.compiler, extra)
         n_vae = 0
         if vae is not None and self.options.compile_vae:
@@ -219,10 +235,59 @@ class TorchBackend(Backend):
             saved = torch.compiler.save_cache_artifacts()
             if saved is not None and saved[0]:
                 store.add(INDUCTOR_GROUP, saved[0])
-        meta = {"kind": "torch-compile", "attention": self.attention, "fp8_kernel": self.fp8_kernel}
-        return save_store(store, self.model_cache.runtime_cache_path, self.model_cache.platform_key, meta)
+        return save_store(
+            store, self.model_cache.runtime_cache_path, self.model_cache.platform_key, self._cache_meta()
+        )
+
+    def _cache_meta(self) -> dict[str, Any]:
+        return {"kind": "torch-compile", "attention": self.attention, "fp8_kernel": self.fp8_kernel}
+
+    # ---- regions compiled in the background (compile_resnets="background") --------------------------------
+    def _swap_in(self) -> None:
+        """Serve what the background compiler finished; captured graphs ran those regions eagerly, so they
+        are captured again (once per finished batch: one call pays a capture, like a new size)."""
+        if self.compiler is None or self.compiler.background is None:
+            return
+        if self.compiler.swap_in():
+            self._graphs.clear()
+            self._graphed_calls.clear()
+            logger.info("background-compiled regions swapped in; the next call captures its graphs again")
+
+    def between_calls(self) -> None:
+        self._swap_in()
+        if self.compiler is not None and self.compiler.background is not None:
+            self.compiler.background.launch()  # what this call's regions submitted
+
+    @property
+    def background_busy(self) -> bool:
+        """Whether regions are still compiling (or queued) in the background."""
+        background = None if self.compiler is None else self.compiler.background
+        return background is not None and background.busy
+
+    def wait_background(self, timeout: float | None = None) -> bool:
+        """Wait until the regions compiling in the background are done and served (or `timeout` seconds);
+        returns whether none is left. For benchmarks and prewarm.py; serving never waits."""
+        background = None if self.compiler is None else self.compiler.background
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while background is not None and background.busy:
+            background.launch()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not background.wait(left):
+                break
+            self._swap_in()
+        return not self.background_busy
+
+    def stop_background(self) -> None:
+        """Kill the background compiles (what already landed in the cache file stays there)."""
+        if self.compiler is not None and self.compiler.background is not None:
+            self.compiler.background.close(stop=True)
+            self.compiler.background = None
 
     def close(self) -> None:
+        if self.compiler is not None and self.compiler.background is not None:
+            self._swap_in()  # what finished goes into this process's save too
+            self.compiler.background.close()  # the rest finishes into the cache file by itself
+            self.compiler.background = None
         self.save_compile_cache()
 
     def describe(self) -> str:

@@ -49,9 +49,12 @@ ATTENTION_CHOICES = ("auto", "cudnn", "flash", "default")
 # torch._scaled_mm module (fp8.py); see fp8.py for which is the default and why.
 FP8_KERNELS = ("torchao", "scaled_mm")
 SPECIALIZATIONS = (Specialization.NONE, Specialization.EAGER)
-# The UNets' ResnetBlock2D as regions too (besides their attention blocks). Off by default: each of their
-# dozen shapes is one more artifact to compile cold; see the README for the measured trade-off.
-DEFAULT_COMPILE_RESNETS = False
+# The UNets' ResnetBlock2D as regions too (besides their attention blocks): "on" compiles them in the call that
+# meets them, "background" in another process while they run eagerly (background_compile.py), "off" never
+# (True/False: on/off). Unset: each family's `compile_resnets_on_cuda` on CUDA with compile on, off elsewhere.
+# SD 1.5 512² on the H200 (torch 2.11, 2026-12-02): 0.45 s steady compiled against 0.52 s eager, but its dozen
+# shapes take 75 s to compile, which no first call should wait for: SD's default is "background".
+RESNET_MODES = ("off", "on", "background")
 # `channels_last`: a convolutional denoiser (the UNets) in channels-last memory layout, its region inputs kept
 # channels-last. Unset, each family's `channels_last_on_cuda` decides on CUDA; off on the CPU, where the
 # reference equality with diffusers is checked in NCHW. Measured on the H200 (torch 2.11, fp16,
@@ -86,7 +89,7 @@ class TorchOptions:
     attention: str = "auto"
     fp8_kernel: str | None = None  # None: fp8.DEFAULT_KERNEL
     compile_vae: bool = DEFAULT_COMPILE_VAE
-    compile_resnets: bool = DEFAULT_COMPILE_RESNETS
+    compile_resnets: str | None = None  # one of RESNET_MODES; None: the family's choice on CUDA
     autotune: bool = False
     channels_last: bool | None = None  # None: the family's choice on CUDA, off elsewhere
 
@@ -126,7 +129,13 @@ class TorchOptions:
         if kernel is not None and kernel not in FP8_KERNELS:
             raise InvalidInputError(f"fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got {kernel!r}")
         vae = _flag(options, "compile_vae", default=DEFAULT_COMPILE_VAE)
-        resnets = _flag(options, "compile_resnets", default=DEFAULT_COMPILE_RESNETS)
+        resnets = options.get("compile_resnets")
+        if isinstance(resnets, bool):
+            resnets = "on" if resnets else "off"
+        if resnets is not None and resnets not in RESNET_MODES:
+            raise InvalidInputError(
+                f"compile_resnets must be one of {', '.join(RESNET_MODES)} (or true/false), got {resnets!r}"
+            )
         autotune = _flag(options, "autotune", default=False)
         channels_last = options.get("channels_last")
         if channels_last is not None:

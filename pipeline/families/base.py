@@ -212,6 +212,8 @@ class Family(ABC):
     # torch on CUDA: the denoiser in channels-last memory layout unless the user says otherwise (the torch
     # backend's `channels_last` option); set per family by measurement (torch_options.py)
     channels_last_on_cuda: ClassVar[bool] = False
+    # the torch backend's `compile_resnets` on CUDA when unset: "off", "on" or "background" (torch_options.py)
+    compile_resnets_on_cuda: ClassVar[str] = "off"
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source
