@@ -107,7 +107,7 @@ def summary(results: list[ConfigResult]) -> dict[str, float | None]:
         "cold_start_first_call_s": first("cold_start"),
         "fp8_torchao_over_scaled_mm_steady": ratio(steady("fp8_torchao"), steady("fp8_scaled_mm")),
     }
-    for name in ("adaptive", "adaptive_graphs"):
+    for name in ("adaptive", "adaptive_graphs", "graphs_background"):
         if name in r and len(r[name].new_size_calls) == 2:
             first_new, second_new = (c.seconds for c in r[name].new_size_calls)
             out[f"new_size_first_over_second_{name}"] = ratio(first_new, second_new)
@@ -198,6 +198,16 @@ def table(data: dict[str, Any], results: list[ConfigResult]) -> str:
             lines.append(f"  {result.name:<20} call {i}: {call.seconds:8.3f}{stages}")
         for i, call in enumerate(result.new_size_calls, 1):
             lines.append(f"  {result.name:<20} new size call {i}: {call.seconds:8.3f}")
+        if result.background_s is not None:
+            lines.append(
+                f"  {result.name:<20} background compiles {result.background_s:.1f} s after call 1, "
+                f"then the call swapping them in {fmt(result.recapture_s)} s (not in the calls above)"
+                + (
+                    f"; at the new size {result.new_size_background_s:.1f} s"
+                    if result.new_size_background_s
+                    else ""
+                )
+            )
     r = by_name(results)
     if "cold_start" in r:
         lines += ["", "start in a new process (load = from_pretrained, overhead = first call - steady)"]

@@ -33,6 +33,7 @@ from pipeline.cache import (
 from pipeline.engines import choose_backend
 
 logger = logging.getLogger("prewarm")
+BACKGROUND_TIMEOUT_S = 3600
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -63,11 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp8"], default=None, help="ship the fp8 model's cache")
     p.add_argument("--autotune", action="store_true",
                    help="torch: tune the GEMMs while compiling (max-autotune); paid here, shipped")  # fmt: skip
-    p.add_argument("--compile-resnets", action="store_true",
-                   help="torch: the UNets' resnet blocks as compiled regions too (faster steady, slow cold)")  # fmt: skip
+    p.add_argument("--compile-resnets", choices=["off", "on", "background"], default=None,
+                   help="torch: the UNets' resnet blocks as compiled regions (default: the family's; "
+                        "background ones are waited for here, so they ship)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("caches"), help="shipped caches folder (default caches/)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def wait_background(pipe: Pipeline) -> None:
+    """Regions the torch backend compiles in the background ship too: wait for them."""
+    backend = pipe.backend
+    if not getattr(backend, "background_busy", False):
+        return
+    logger.info("waiting for the regions compiling in the background...")
+    start = time.perf_counter()
+    if not backend.wait_background(BACKGROUND_TIMEOUT_S):
+        raise PipelineError(f"background compiles did not finish in {BACKGROUND_TIMEOUT_S} s")
+    logger.info("background compiles done in %.1f s", time.perf_counter() - start)
 
 
 def prewarm(args: argparse.Namespace) -> ShippedCache:
@@ -79,10 +93,11 @@ def prewarm(args: argparse.Namespace) -> ShippedCache:
         backend_options["precision"] = args.precision
     # torch-only options whose compiled code goes into the shipped compile cache (the app passes them too)
     for flag in ("autotune", "compile_resnets"):
-        if getattr(args, flag):
+        value = getattr(args, flag)
+        if value:
             if backend != "torch":
                 raise SystemExit(f"error: --{flag.replace('_', '-')} is a torch backend option")
-            backend_options[flag] = True
+            backend_options[flag] = value
     with tempfile.TemporaryDirectory(prefix="prewarm-") as tmp:
         pipe = Pipeline.from_pretrained(
             args.model,
@@ -108,6 +123,7 @@ def prewarm(args: argparse.Namespace) -> ShippedCache:
                     )
                     logger.info("batch %d, %dx%d: %.1f s", batch, width, height, time.perf_counter() - start)
                     shapes.append({"batch": batch, "height": height, "width": width})
+            wait_background(pipe)
         # leaving `with` closed the pipeline, which saved its cache
         cache = pipe.model_cache
         source = cache.runtime_cache_path
