@@ -66,16 +66,18 @@ def test_worker_compiles_into_the_cache_file_and_reports_failures(
     background = _compiler(tmp_path)
     try:
         background.submit("mlp", good, (x,), {"scale": 2.0})
-        background.submit("mlp", good, (x,), {"scale": 2.0})  # once per group
+        background.submit("mlp", good, (x,), {"scale": 2.0})  # once per group and input layouts
+        background.submit("mlp", good, (torch.randn(5, 8),), {"scale": 2.0})  # another size: a job
         background.submit("unbroken", bad, (x,), {})
-        assert background.busy and len(background.queued) == 2
+        assert background.busy and len(background.queued) == 3
         background.launch()
         assert background.take() == []  # nothing to hand over while the worker runs (it imports torch)
         assert background.wait(300)
         with caplog.at_level(logging.WARNING):
             landed = background.take()
-        assert [item.group for item in landed] == ["mlp"] and not background.busy
-        assert "unbroken" in background.failed and "failed" in caplog.text and "graph_break" in caplog.text
+        assert [item.group for item in landed] == ["mlp", "mlp"] and not background.busy
+        assert [key.startswith("unbroken-") for key in background.failed] == [True]
+        assert "failed" in caplog.text and "graph_break" in caplog.text
         background.submit("unbroken", bad, (x,), {})  # a failed group is not tried again
         assert not background.queued
 

@@ -23,9 +23,11 @@ one-image CLI run still leaves the next process its compiled regions. The worker
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -94,6 +96,7 @@ def meta_copy(block: nn.Module) -> nn.Module:
 
 @dataclass
 class Job:
+    key: str  # the group and the input layouts: one job per shape a region meets
     group: str
     kind: str
     block: nn.Module  # meta_copy
@@ -140,8 +143,10 @@ class BackgroundCompiler:
         self.cache_path, self.platform_key, self.meta = cache_path, platform_key, meta
         self.spool = Path(tempfile.mkdtemp(prefix="adaptive-regions-"))
         self.queued: list[Job] = []
-        self.submitted: set[str] = set()  # groups with a job (one job per group and shape class, once)
-        self.failed: set[str] = set()  # groups whose worker failed: eager for good in this process
+        self.submitted: set[str] = (
+            set()
+        )  # job keys submitted once (a group meets several sizes: one job each)
+        self.failed: set[str] = set()  # job keys whose worker failed: eager for good in this process
         self._proc: subprocess.Popen[bytes] | None = None
         self._running: list[Job] = []
         self._batches = 0
@@ -149,12 +154,12 @@ class BackgroundCompiler:
     # ---- inside a call ----------------------------------------------------------------------------------------
     def submit(self, group: str, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Record a job for a region call that no artifact serves (host-side work only)."""
-        if group in self.submitted or group in self.failed:
+        layouts = (describe(args), describe(kwargs))
+        key = f"{group}-{hashlib.sha256(repr(layouts).encode()).hexdigest()[:12]}"
+        if key in self.submitted or key in self.failed:
             return
-        self.submitted.add(group)
-        self.queued.append(
-            Job(group, type(block).__name__, meta_copy(block), describe(args), describe(kwargs))
-        )
+        self.submitted.add(key)
+        self.queued.append(Job(key, group, type(block).__name__, meta_copy(block), *layouts))
 
     # ---- between calls ----------------------------------------------------------------------------------------
     @property
@@ -206,7 +211,7 @@ class BackgroundCompiler:
         got = [item for item in landed if item is not None]
         missing = [job for job, item in zip(self._running, landed, strict=True) if item is None]
         if missing:
-            self.failed.update(job.group for job in missing)
+            self.failed.update(job.key for job in missing)
             logger.warning(
                 "background compile of %d region(s) failed (exit %s); they stay eager: %s",
                 len(missing),
@@ -258,10 +263,10 @@ class BackgroundCompiler:
         return left
 
     def _read(self, job: Job) -> Landed | None:
-        path = self.spool / _result_name(job.group)
+        path = self.spool / _result_name(job.key)
         try:
             return torch.load(path, weights_only=False)
-        except (OSError, EOFError, RuntimeError):
+        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError):  # missing or cut short
             return None
 
     def _log_tail(self) -> str:
@@ -276,8 +281,8 @@ class BackgroundCompiler:
 CLOSED = "closed"  # in the spool: the serving process closed with workers still running
 
 
-def _result_name(group: str) -> str:
-    return f"{group}.landed"
+def _result_name(key: str) -> str:
+    return f"{key}.landed"
 
 
 def _owner_gone(batch: Batch) -> bool:
@@ -326,7 +331,7 @@ def compile_batch(batch: Batch) -> int:
         buffer = io.BytesIO()
         torch.save(landed, buffer)
         try:
-            atomic_write_bytes(Path(batch.spool) / _result_name(job.group), buffer.getvalue())
+            atomic_write_bytes(Path(batch.spool) / _result_name(job.key), buffer.getvalue())
         except OSError:  # the serving process is gone and so is its spool: the cache file has it
             pass
         logger.info("compiled %s", job.group)
