@@ -251,6 +251,9 @@ class TorchBackend(Backend):
         if self.compiler.swap_in():
             self._graphs.clear()
             self._graphed_calls.clear()
+            # their memory pool goes with them: capturing into its handle again trips the allocator's
+            # assert (use_count > 0, torch 2.11), so the next capture takes a fresh pool
+            self._pool = None
             logger.info("background-compiled regions swapped in; the next call captures its graphs again")
 
     def between_calls(self) -> None:
