@@ -9,9 +9,10 @@ the background runs eagerly while its artifacts are missing, and each missing on
 2. `launch`, after the call, writes the jobs to a file and starts one worker process
    (`python -m pipeline.engines.background_compile JOBS`), which lowers its own CPU priority.
 3. The worker compiles each job with the same code as in-process compiles (torch_compile.aot_compile_region),
-   on empty tensors of the recorded layouts on the same device, and for each artifact: merges it into the
-   model's compile cache file (locked, atomic: a killed process loses only the job it was on, and the next
-   process starts with everything that landed) and drops it in the spool folder for this process.
+   on empty tensors of the recorded layouts on the same device, and for each artifact: drops it in the spool
+   folder for this process and merges it into the model's compile cache file (locked, atomic; at most every
+   SAVE_EVERY_S and at the end: a killed worker loses only its last seconds of work, and the next process
+   starts with everything that landed).
 4. `take`, at the start of a call, hands over a finished batch, all at once (the backend recaptures its CUDA
    graphs once per batch, not once per artifact).
 
@@ -32,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 NICE = 10  # the worker's CPU priority below the serving process
 LOG_TAIL = 600  # characters of a failed worker's log in the warning
+SAVE_EVERY_S = 15.0  # the worker merges into the cache file at most this often (a kill loses that much)
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,8 @@ def compile_batch(batch: Batch) -> int:
     device = torch.device(batch.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    failed = 0
+    failed, store, saved_at = 0, ArtifactStore(), time.monotonic()
+    cache_path = Path(batch.cache_path)
     for job in batch.jobs:
         try:
             block = job.block.to_empty(device=device)
@@ -323,11 +327,12 @@ def compile_batch(batch: Batch) -> int:
             failed += 1
             continue
         landed = Landed(job.group, data, {rel: (_inductor_dir() / rel).read_bytes() for rel in native})
-        store = ArtifactStore()  # merged into the cache file first: a kill after this loses nothing
         store.add(job.group, data)
         for rel, lib in landed.native.items():
             store.put(f"{NATIVE_GROUP}/{rel}", NATIVE_GROUP, lib)
-        save_store(store, Path(batch.cache_path), batch.platform_key, batch.meta)
+        if time.monotonic() - saved_at >= SAVE_EVERY_S:  # each save rewrites the file: not after every job
+            save_store(store, cache_path, batch.platform_key, batch.meta)
+            saved_at = time.monotonic()
         buffer = io.BytesIO()
         torch.save(landed, buffer)
         try:
@@ -335,6 +340,7 @@ def compile_batch(batch: Batch) -> int:
         except OSError:  # the serving process is gone and so is its spool: the cache file has it
             pass
         logger.info("compiled %s", job.group)
+    save_store(store, cache_path, batch.platform_key, batch.meta)
     return failed
 
 
