@@ -13,8 +13,11 @@ the background runs eagerly while its artifacts are missing, and each missing on
    folder for this process and merges it into the model's compile cache file (locked, atomic; at most every
    SAVE_EVERY_S and at the end: a killed worker loses only its last seconds of work, and the next process
    starts with everything that landed).
-4. `take`, at the start of a call, hands over a finished batch, all at once (the backend recaptures its CUDA
-   graphs once per batch, not once per artifact).
+4. When the worker exits, a thread of this process loads its artifacts and runs each once on zero inputs, on
+   a CUDA stream of its own: the first run of loaded code has one-time costs (SD 1.5's 15 resnet artifacts:
+   a 5.6 s capture when they were first run inside a call), paid there while calls go on eagerly.
+5. `take`, between calls, hands over what that thread made ready, all at once (the backend recaptures its
+   CUDA graphs once per batch, not once per artifact).
 
 A worker that fails is said in one line with the tail of its log; its kinds stay eager (today's speed).
 Closing the pipeline leaves a running worker to finish (it writes only the cache file, under its lock): a
@@ -33,8 +36,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +134,13 @@ class Landed:
     native: dict[str, bytes] = field(default_factory=dict)  # CPU kernel libraries: path -> bytes
 
 
+@dataclass
+class Ready(Landed):
+    """A landed artifact loaded in this process and run once: what the region compiler swaps in."""
+
+    fn: Any = None
+
+
 class BackgroundCompiler:
     """The serving process's side: records jobs, runs one worker at a time, hands over what landed."""
 
@@ -146,12 +158,15 @@ class BackgroundCompiler:
         self.cache_path, self.platform_key, self.meta = cache_path, platform_key, meta
         self.spool = Path(tempfile.mkdtemp(prefix="adaptive-regions-"))
         self.queued: list[Job] = []
-        self.submitted: set[str] = (
-            set()
-        )  # job keys submitted once (a group meets several sizes: one job each)
-        self.failed: set[str] = set()  # job keys whose worker failed: eager for good in this process
+        # job keys submitted once (a group meets several sizes: one job each), and those that failed (eager
+        # for good in this process)
+        self.submitted: set[str] = set()
+        self.failed: set[str] = set()
+        self._blocks: dict[str, nn.Module] = {}  # job key -> a live block of it (for the warm-up run)
         self._proc: subprocess.Popen[bytes] | None = None
         self._running: list[Job] = []
+        self._preparing: threading.Thread | None = None
+        self._ready: list[Ready] = []
         self._batches = 0
 
     # ---- inside a call ----------------------------------------------------------------------------------------
@@ -162,12 +177,13 @@ class BackgroundCompiler:
         if key in self.submitted or key in self.failed:
             return
         self.submitted.add(key)
+        self._blocks[key] = block
         self.queued.append(Job(key, group, type(block).__name__, meta_copy(block), *layouts))
 
     # ---- between calls ----------------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return bool(self.queued or self._running)
+        return bool(self.queued or self._running or self._preparing or self._ready)
 
     def launch(self) -> None:
         """Start a worker on the queued jobs, unless one is running (it takes the next batch when done)."""
@@ -205,13 +221,25 @@ class BackgroundCompiler:
                 stderr=subprocess.STDOUT,
             )
 
-    def take(self) -> list[Landed]:
-        """A finished batch's artifacts (empty while its worker runs); starts the next batch."""
-        if self._proc is None or self._proc.poll() is None:
-            return []
+    def take(self) -> list[Ready]:
+        """Artifacts ready to serve (loaded and run once), else []. A finished worker's artifacts are loaded
+        and run once on zero inputs in a thread, on a stream of its own, while calls go on: the first run of
+        loaded code (kernel loading, Triton's launch set-up) is paid there, not in the call that swaps them
+        in. Starts the next batch's worker."""
+        if self._preparing is not None and not self._preparing.is_alive():
+            self._preparing = None
+        if self._preparing is None and self._proc is not None and self._proc.poll() is not None:
+            self._collect()
+            self.launch()
+        if self._preparing is None and self._ready:
+            ready, self._ready = self._ready, []
+            return ready
+        return []
+
+    def _collect(self) -> None:
+        assert self._proc is not None
         code, self._proc = self._proc.returncode, None
         landed = [self._read(job) for job in self._running]
-        got = [item for item in landed if item is not None]
         missing = [job for job, item in zip(self._running, landed, strict=True) if item is None]
         if missing:
             self.failed.update(job.key for job in missing)
@@ -221,17 +249,44 @@ class BackgroundCompiler:
                 code,
                 self._log_tail(),
             )
+        pairs = [(job, item) for job, item in zip(self._running, landed, strict=True) if item is not None]
         self._running = []
-        self.launch()
-        return got
+        if pairs:
+            self._preparing = threading.Thread(
+                target=self._prepare, args=(pairs,), name="region-warmup", daemon=True
+            )
+            self._preparing.start()
+
+    def _prepare(self, pairs: list[tuple[Job, Landed]]) -> None:
+        from .torch_compile import _deserialize, _short
+
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        for job, landed in pairs:
+            block = self._blocks.pop(job.key, None)
+            try:
+                fn = _deserialize(landed.data)
+                if block is not None:
+                    with torch.inference_mode(), torch.cuda.stream(stream) if stream else nullcontext():
+                        fn(block, *materialize(job.args, self.device), **materialize(job.kwargs, self.device))
+                    if stream is not None:
+                        stream.synchronize()
+            except Exception as e:  # a damaged artifact: its region stays eager
+                logger.warning("background-compiled %s could not be loaded: %s", job.kind, _short(e))
+                self.failed.add(job.key)
+                continue
+            self._ready.append(Ready(landed.group, landed.data, landed.native, fn))
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the running worker exits (or `timeout` seconds); whether none is running now."""
-        if self._proc is not None:
-            try:
+        """Block until the running worker exits, or the loading thread ends (or `timeout` seconds);
+        whether neither runs now."""
+        try:
+            if self._proc is not None:
                 self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                return False
+            elif self._preparing is not None:
+                self._preparing.join(timeout)
+                return not self._preparing.is_alive()
+        except subprocess.TimeoutExpired:
+            return False
         return True
 
     def close(self, *, stop: bool = False) -> int:
