@@ -1,8 +1,9 @@
 """Regions compiled in another process while this one serves them eagerly (`compile_resnets="background"`).
 
-SD 1.5's resnets run 0.52 -> 0.45 s a call faster compiled (H200, 512², 50 steps), but they come in a dozen
-shapes, one artifact each: 75 s of compile that no first request should wait for. So a region kind deferred to
-the background runs eagerly while its artifacts are missing, and each missing one becomes a job:
+SD 1.5's resnets make a call 0.521 -> 0.451 s compiled (H200, 512², 50 steps, 2026-12-03), but they are 15
+artifacts, one per block shape: compiled in the first call they make it 87 s instead of 11.5 s, a wait no first
+request should have. So a region kind deferred to the background runs eagerly while its artifacts are missing,
+and each missing one becomes a job:
 
 1. `submit` (inside a call, host-side only: it may run during a CUDA-graph capture) records the block as a
    meta-device copy (structure, parameter shapes, strides and dtypes; no weights) and its inputs' shapes.

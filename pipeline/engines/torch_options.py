@@ -52,8 +52,8 @@ SPECIALIZATIONS = (Specialization.NONE, Specialization.EAGER)
 # The UNets' ResnetBlock2D as regions too (besides their attention blocks): "on" compiles them in the call that
 # meets them, "background" in another process while they run eagerly (background_compile.py), "off" never
 # (True/False: on/off). Unset: each family's `compile_resnets_on_cuda` on CUDA with compile on, off elsewhere.
-# SD 1.5 512² on the H200 (torch 2.11, 2026-12-02): 0.45 s steady compiled against 0.52 s eager, but its dozen
-# shapes take 75 s to compile, which no first call should wait for: SD's default is "background".
+# SD 1.5 512² on the H200 (torch 2.11, 2026-12-03): 0.451 s steady compiled against 0.521 s eager, but their 15
+# artifacts make the first call 87 s with "on"; with "background" it stays 18.8 s and they land 99 s later.
 RESNET_MODES = ("off", "on", "background")
 # `channels_last`: a convolutional denoiser (the UNets) in channels-last memory layout, its region inputs kept
 # channels-last. Unset, each family's `channels_last_on_cuda` decides on CUDA; off on the CPU, where the
