@@ -93,3 +93,23 @@ def test_worker_compiles_into_the_cache_file_and_reports_failures(
     finally:
         background.close(stop=True)
     assert not background.spool.exists()
+
+
+def test_closing_leaves_the_worker_to_finish_into_the_cache_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline closed while its regions compile (a one-image CLI run) loses nothing: the worker finishes
+    into the cache file, then removes the spool folder itself."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    block = Mlp().eval()
+    block._class_forward = Mlp.forward
+    background = _compiler(tmp_path)
+    background.submit("mlp", block, (torch.randn(2, 8),), {})
+    background.launch()
+    worker = background._proc
+    assert worker is not None
+    assert background.close() == 1 and worker.poll() is None  # detached, still running
+    assert worker.wait(300) == 0
+    assert load_store(tmp_path / "model.cache", PLATFORM).keys("mlp")
+    assert not background.spool.exists()

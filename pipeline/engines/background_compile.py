@@ -8,11 +8,11 @@ and each missing one becomes a job:
 1. `submit` (inside a call, host-side only: it may run during a CUDA-graph capture) records the block as a
    meta-device copy (structure, parameter shapes, strides and dtypes; no weights) and its inputs' shapes.
 2. `launch`, after the call, writes the jobs to a file and starts one worker process
-   (`python -m pipeline.engines.background_compile JOBS`), which lowers its own CPU priority.
+   (`python -m pipeline.engines.background_worker JOBS`), which lowers its own CPU priority.
 3. The worker compiles each job with the same code as in-process compiles (torch_compile.aot_compile_region),
    on empty tensors of the recorded layouts on the same device, and for each artifact: drops it in the spool
    folder for this process and merges it into the model's compile cache file (locked, atomic; at most every
-   SAVE_EVERY_S and at the end: a killed worker loses only its last seconds of work, and the next process
+   background_worker.SAVE_EVERY_S and at the end: a killed worker loses only its last seconds of work, and the next process
    starts with everything that landed).
 4. When the worker exits, a thread of this process loads its artifacts and runs each once on zero inputs, on
    a CUDA stream of its own: the first run of loaded code has one-time costs (SD 1.5's 15 resnet artifacts:
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import logging
 import os
 import pickle
@@ -38,8 +37,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +47,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-NICE = 10  # the worker's CPU priority below the serving process
 LOG_TAIL = 600  # characters of a failed worker's log in the warning
-SAVE_EVERY_S = 15.0  # the worker merges into the cache file at most this often (a kill loses that much)
+WORKER_MODULE = "pipeline.engines.background_worker"  # what a worker process runs (python -m)
 
 
 @dataclass(frozen=True)
@@ -216,7 +212,7 @@ class BackgroundCompiler:
         torch.save(batch, path)
         with open(self.spool / f"batch-{self._batches}.log", "wb") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", __name__, str(path)],
+                [sys.executable, "-m", WORKER_MODULE, str(path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -322,7 +318,7 @@ class BackgroundCompiler:
         return left
 
     def _read(self, job: Job) -> Landed | None:
-        path = self.spool / _result_name(job.key)
+        path = self.spool / landed_file_name(job.key)
         try:
             return torch.load(path, weights_only=False)
         except (OSError, EOFError, RuntimeError, pickle.UnpicklingError):  # missing or cut short
@@ -340,82 +336,5 @@ class BackgroundCompiler:
 CLOSED = "closed"  # in the spool: the serving process closed with workers still running
 
 
-def _result_name(key: str) -> str:
+def landed_file_name(key: str) -> str:
     return f"{key}.landed"
-
-
-def _owner_gone(batch: Batch) -> bool:
-    if (Path(batch.spool) / CLOSED).exists():
-        return True
-    try:
-        os.kill(batch.owner_pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-# ---- the worker ---------------------------------------------------------------------------------------------------
-def compile_batch(batch: Batch) -> int:
-    """Compile every job of `batch`; returns how many failed."""
-    from ..cache import atomic_write_bytes
-    from .compile_cache import ArtifactStore, save_store
-    from .torch_compile import NATIVE_GROUP, _inductor_dir, aot_compile_region, configure_dynamo
-
-    configure_dynamo()
-    device = torch.device(batch.device)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    failed, store, saved_at = 0, ArtifactStore(), time.monotonic()
-    cache_path = Path(batch.cache_path)
-    for job in batch.jobs:
-        try:
-            block = job.block.to_empty(device=device)
-            block._class_forward = type(block).forward
-            with torch.inference_mode():
-                args, kwargs = materialize(job.args, device), materialize(job.kwargs, device)
-                _, data, native = aot_compile_region(
-                    block, args, kwargs, dynamic=batch.dynamic, options=batch.options
-                )
-        except Exception:
-            logger.exception("compiling %s failed", job.group)
-            failed += 1
-            continue
-        landed = Landed(job.group, data, {rel: (_inductor_dir() / rel).read_bytes() for rel in native})
-        store.add(job.group, data)
-        for rel, lib in landed.native.items():
-            store.put(f"{NATIVE_GROUP}/{rel}", NATIVE_GROUP, lib)
-        if time.monotonic() - saved_at >= SAVE_EVERY_S:  # each save rewrites the file: not after every job
-            save_store(store, cache_path, batch.platform_key, batch.meta)
-            saved_at = time.monotonic()
-        buffer = io.BytesIO()
-        torch.save(landed, buffer)
-        try:
-            atomic_write_bytes(Path(batch.spool) / _result_name(job.key), buffer.getvalue())
-        except OSError:  # the serving process is gone and so is its spool: the cache file has it
-            pass
-        logger.info("compiled %s", job.group)
-    save_store(store, cache_path, batch.platform_key, batch.meta)
-    return failed
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if hasattr(os, "nice"):
-        os.nice(NICE)  # below the serving process
-    path = Path(args[0])
-    batch: Batch = torch.load(path, weights_only=False)  # our own file, in a folder only we can read
-    path.unlink(missing_ok=True)  # loaded: a batch file left in the spool is a worker still starting
-    failed = compile_batch(batch)
-    if _owner_gone(batch) and not any(Path(batch.spool).glob("batch-*.pt")):
-        shutil.rmtree(batch.spool, ignore_errors=True)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    # the pickled batch refers to this module by its import name: run that one, not a `__main__` copy
-    from pipeline.engines import background_compile
-
-    sys.exit(background_compile.main())
