@@ -12,8 +12,8 @@ and each missing one becomes a job:
 3. The worker compiles each job with the same code as in-process compiles (torch_compile.aot_compile_region),
    on empty tensors of the recorded layouts on the same device, and for each artifact: drops it in the spool
    folder for this process and merges it into the model's compile cache file (locked, atomic; at most every
-   background_worker.SAVE_EVERY_S and at the end: a killed worker loses only its last seconds of work, and the next process
-   starts with everything that landed).
+   background_worker.SAVE_EVERY_S and at the end: a killed worker loses only its last seconds of work, and
+   the next process starts with everything that landed).
 4. When the worker exits, a thread of this process loads its artifacts and runs each once on zero inputs, on
    a CUDA stream of its own: the first run of loaded code has one-time costs (SD 1.5's 15 resnet artifacts:
    a 5.6 s capture when they were first run inside a call), paid there while calls go on eagerly.
@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 logger = logging.getLogger(__name__)
 
@@ -64,24 +65,15 @@ class TensorSpec:
 
 
 def describe(value: Any) -> Any:
-    """`value` with each tensor replaced by its TensorSpec."""
-    if isinstance(value, torch.Tensor):
-        return TensorSpec(tuple(value.shape), tuple(value.stride()), value.dtype)
-    if isinstance(value, tuple | list):
-        return type(value)(describe(v) for v in value)
-    if isinstance(value, dict):
-        return {k: describe(v) for k, v in value.items()}
-    return value
+    """`value` (tensors in tuples, lists, dicts) with each tensor replaced by its TensorSpec."""
+    return tree_map_only(
+        torch.Tensor, lambda t: TensorSpec(tuple(t.shape), tuple(t.stride()), t.dtype), value
+    )
 
 
 def materialize(value: Any, device: torch.device) -> Any:
-    if isinstance(value, TensorSpec):
-        return value.empty(device)
-    if isinstance(value, tuple | list):
-        return type(value)(materialize(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: materialize(v, device) for k, v in value.items()}
-    return value
+    """`describe`'s inverse, with zero-filled tensors of those layouts on `device`."""
+    return tree_map_only(TensorSpec, lambda spec: spec.empty(device), value)
 
 
 def meta_copy(block: nn.Module) -> nn.Module:

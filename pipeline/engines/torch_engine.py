@@ -99,8 +99,7 @@ class TorchBackend(Backend):
         self._bypass = False
         resnets = self.options.compile_resnets
         if resnets is None:
-            cuda_compiled = device.type == "cuda" and self.options.compile
-            resnets = family.compile_resnets_on_cuda if cuda_compiled else "off"
+            resnets = family.compile_resnets_on_cuda if device.type == "cuda" else "off"
         self.compile_resnets = resnets if self.options.compile else "off"
 
         source = family.source
@@ -243,12 +242,14 @@ class TorchBackend(Backend):
         return {"kind": "torch-compile", "attention": self.attention, "fp8_kernel": self.fp8_kernel}
 
     # ---- regions compiled in the background (compile_resnets="background") --------------------------------
+    @property
+    def _background(self) -> BackgroundCompiler | None:
+        return None if self.compiler is None else self.compiler.background
+
     def _swap_in(self) -> None:
         """Serve what the background compiler finished; captured graphs ran those regions eagerly, so they
         are captured again (once per finished batch: one call pays a capture, like a new size)."""
-        if self.compiler is None or self.compiler.background is None:
-            return
-        if self.compiler.swap_in():
+        if self.compiler is not None and self.compiler.swap_in():
             self._graphs.clear()
             self._graphed_calls.clear()
             # their memory pool goes with them: capturing into its handle again trips the allocator's
@@ -258,19 +259,18 @@ class TorchBackend(Backend):
 
     def between_calls(self) -> None:
         self._swap_in()
-        if self.compiler is not None and self.compiler.background is not None:
-            self.compiler.background.launch()  # what this call's regions submitted
+        if self._background is not None:
+            self._background.launch()  # what this call's regions submitted
 
     @property
     def background_busy(self) -> bool:
         """Whether regions are still compiling (or queued) in the background."""
-        background = None if self.compiler is None else self.compiler.background
-        return background is not None and background.busy
+        return self._background is not None and self._background.busy
 
     def wait_background(self, timeout: float | None = None) -> bool:
         """Wait until the regions compiling in the background are done and served (or `timeout` seconds);
         returns whether none is left. For benchmarks and prewarm.py; serving never waits."""
-        background = None if self.compiler is None else self.compiler.background
+        background = self._background
         deadline = None if timeout is None else time.monotonic() + timeout
         while background is not None and background.busy:
             background.launch()
@@ -282,14 +282,14 @@ class TorchBackend(Backend):
 
     def stop_background(self) -> None:
         """Kill the background compiles (what already landed in the cache file stays there)."""
-        if self.compiler is not None and self.compiler.background is not None:
-            self.compiler.background.close(stop=True)
+        if self._background is not None:
+            self._background.close(stop=True)
             self.compiler.background = None
 
     def close(self) -> None:
-        if self.compiler is not None and self.compiler.background is not None:
+        if self._background is not None:
             self._swap_in()  # what finished goes into this process's save too
-            self.compiler.background.close()  # the rest finishes into the cache file by itself
+            self._background.close()  # the rest finishes into the cache file by itself
             self.compiler.background = None
         self.save_compile_cache()
 
