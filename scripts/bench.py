@@ -74,6 +74,7 @@ from bench_results import (
 from bench_start import first_image_worker, measure_start
 
 from pipeline import InvalidInputError, Pipeline, PipelineError, options
+from pipeline.engines.group_norm import restore_group_norms
 from pipeline.families import family_for
 from pipeline.loading import resolve_model
 
@@ -172,7 +173,8 @@ def build_diffusers_pipeline(pipe: Pipeline) -> Any:
     (SDXL: force_zeros_for_empty_prompt), no safety checker, no watermark (ours adds none).
 
     A module ours runs in another dtype than the pipeline's (SDXL's VAE, upcast to float32 under fp16) is
-    given to diffusers as a copy in the pipeline's dtype: diffusers upcasts it itself, per call, as it does."""
+    given to diffusers as a copy in the pipeline's dtype: diffusers upcasts it itself, per call, as it does.
+    The VAE goes back to diffusers' stock form (torch's GroupNorm kernel, NCHW; engines/group_norm.py)."""
     import diffusers
 
     pipeline_cls = getattr(diffusers, pipe.source.pipeline_class)
@@ -181,6 +183,9 @@ def build_diffusers_pipeline(pipe: Pipeline) -> Any:
         component, module = engine.stage.component, engine.module  # type: ignore[attr-defined]
         if pipe.family.component_dtype(component, pipe.dtype) != pipe.dtype:
             module = copy.deepcopy(module).to(pipe.dtype)
+        if component == "vae":  # diffusers' stock VAE: torch's GroupNorm, NCHW (ours runs after, reloaded)
+            restore_group_norms(module)
+            module.to(memory_format=torch.contiguous_format)
         modules[component] = module
     parameters = inspect.signature(pipeline_cls.__init__).parameters
     index = pipe.source.model_index

@@ -32,6 +32,7 @@ from .base import Backend, Precision, Specialization
 from .compile_cache import INDUCTOR_GROUP, ArtifactStore, load_store, save_store
 from .compile_warmup import CompilerWarmup
 from .fusion import fuse_projections
+from .group_norm import widen_group_norms
 from .torch_compile import (
     RESNET_REGIONS,
     CompiledForward,
@@ -43,6 +44,7 @@ from .torch_compile import (
 from .torch_options import (
     AUTOTUNE_OPTIONS,
     INDUCTOR_OPTIONS,
+    VAE_CHANNELS_LAST,
     TorchOptions,
     choose_attention,
 )
@@ -142,7 +144,9 @@ class TorchBackend(Backend):
 
                 quantize_linears(denoiser, kernel=self.fp8_kernel)
         if device.type == "cuda" and "vae" in modules:
-            modules["vae"].to(memory_format=torch.channels_last)
+            widen_group_norms(modules["vae"])  # its GroupNorms' statistics from split reductions
+            if VAE_CHANNELS_LAST:
+                modules["vae"].to(memory_format=torch.channels_last)
         wanted = self.options.channels_last
         if wanted is None:
             wanted = device.type == "cuda" and family.channels_last_on_cuda
