@@ -12,7 +12,8 @@ from torch import nn
 
 from pipeline.engines.background_compile import BackgroundCompiler, meta_copy
 from pipeline.engines.compile_cache import load_store
-from pipeline.engines.torch_compile import _deserialize, configure_dynamo
+from pipeline.engines.region_artifacts import deserialize
+from pipeline.engines.torch_compile import configure_dynamo
 
 PLATFORM = "torch-test"
 
@@ -84,7 +85,7 @@ def test_worker_compiles_into_the_cache_file_and_reports_failures(
         assert not background.queued
 
         fn = ready[0].fn  # loaded and run once by the thread
-        assert _deserialize(ready[1].data) is not None
+        assert deserialize(ready[1].data) is not None
         with torch.inference_mode():
             for rows in (3, 5):  # dynamic: another batch size, same artifact
                 y = torch.randn(rows, 8)

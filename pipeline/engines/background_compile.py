@@ -247,13 +247,14 @@ class BackgroundCompiler:
             self._preparing.start()
 
     def _prepare(self, pairs: list[tuple[Job, Landed]]) -> None:
-        from .torch_compile import _deserialize, _short
+        from .region_artifacts import deserialize
+        from .torch_compile import _short
 
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for job, landed in pairs:
             block = self._blocks.pop(job.key, None)
             try:
-                fn = _deserialize(landed.data)
+                fn = deserialize(landed.data)
                 if block is not None:
                     with torch.inference_mode(), torch.cuda.stream(stream) if stream else nullcontext():
                         fn(block, *materialize(job.args, self.device), **materialize(job.kwargs, self.device))

@@ -37,8 +37,9 @@ def _owner_gone(batch: Batch) -> bool:
 def compile_batch(batch: Batch) -> int:
     """Compile every job of `batch`; returns how many failed."""
     from ..cache import atomic_write_bytes
-    from .compile_cache import ArtifactStore, save_store
-    from .torch_compile import NATIVE_GROUP, _inductor_dir, aot_compile_region, configure_dynamo
+    from .compile_cache import NATIVE_GROUP, ArtifactStore, save_store
+    from .region_artifacts import inductor_dir
+    from .torch_compile import aot_compile_region, configure_dynamo
 
     configure_dynamo()
     device = torch.device(batch.device)
@@ -59,7 +60,7 @@ def compile_batch(batch: Batch) -> int:
             logger.exception("compiling %s failed", job.group)
             failed += 1
             continue
-        landed = Landed(job.group, data, {rel: (_inductor_dir() / rel).read_bytes() for rel in native})
+        landed = Landed(job.group, data, {rel: (inductor_dir() / rel).read_bytes() for rel in native})
         store.add(job.group, data)
         for rel, lib in landed.native.items():
             store.put(f"{NATIVE_GROUP}/{rel}", NATIVE_GROUP, lib)

@@ -25,14 +25,10 @@ persist through Inductor's caches (compile_cache.py).
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -41,6 +37,7 @@ from torch import nn
 from .background_compile import BackgroundCompiler
 from .base import Specialization
 from .compile_cache import NATIVE_GROUP, ArtifactStore
+from .region_artifacts import deserialize, keep_native, native_files, restore_native, serialize
 from .region_keys import block_fingerprint, call_signature, canonical_inputs
 
 logger = logging.getLogger(__name__)
@@ -195,7 +192,7 @@ class RegionCompiler:
             start = time.perf_counter()
             for key in keys[len(loaded) :]:
                 try:
-                    loaded.append(_deserialize(self.store.get(key)))
+                    loaded.append(deserialize(self.store.get(key)))
                     self.stats.loaded += 1
                 except Exception as e:  # a stale or damaged artifact costs a compile, never the request
                     logger.warning("ignoring compiled artifact %s: %s", key, _short(e))
@@ -251,7 +248,7 @@ def aot_compile_region(
     before = native_files()
     with torch.fx.experimental._config.patch(use_duck_shape=False):
         fn = compiled.aot_compile(((block, *args), kwargs))
-    return fn, _serialize(fn), native_files() - before
+    return fn, serialize(fn), native_files() - before
 
 
 def _compile_phases() -> dict[str, float]:
@@ -283,73 +280,6 @@ def _guard_failure(fn: Any, block: nn.Module, args: tuple[Any, ...], kwargs: dic
         return str(fn._artifacts.guard_manager.check_verbose(f_locals).verbose_code_parts)
     except Exception as e:
         return f"unknown ({_short(e)})"
-
-
-def _serialize(fn: Any) -> bytes:
-    fd, path = tempfile.mkstemp(suffix=".aot")
-    os.close(fd)
-    try:
-        fn.save_compiled_function(path)
-        with open(path, "rb") as f:
-            return f.read()
-    finally:
-        os.unlink(path)
-
-
-def _deserialize(data: bytes) -> Any:
-    # Guards are rebuilt here, relative to the thread's dispatch state: build them in the state calls run in
-    # (engines always run under inference mode), or no tensor ever matches.
-    with torch.inference_mode():
-        return torch.compiler.load_compiled_function(io.BytesIO(data))
-
-
-# ---- CPU kernels: the compiled libraries beside the artifacts -------------------------------------------------
-NATIVE_SUFFIXES = (".so", ".pyd", ".dylib")
-
-
-def _inductor_dir() -> Path:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return Path(cache_dir())
-
-
-def native_files() -> set[str]:
-    """Compiled kernel libraries in Inductor's cache folder, as paths relative to it."""
-    root = _inductor_dir()
-    if not root.is_dir():
-        return set()
-    return {
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix in NATIVE_SUFFIXES and p.is_file()
-    }
-
-
-def keep_native(store: ArtifactStore, paths: set[str]) -> None:
-    root = _inductor_dir()
-    for rel in sorted(paths):
-        try:
-            store.put(f"{NATIVE_GROUP}/{rel}", NATIVE_GROUP, (root / rel).read_bytes())
-        except OSError:  # removed meanwhile: the kernel is compiled again at load
-            continue
-
-
-def restore_native(store: ArtifactStore) -> int:
-    """Put the stored kernel libraries back where Inductor looks for them (never outside its folder)."""
-    from ..cache import atomic_write_bytes
-
-    root, count = _inductor_dir(), 0
-    for key in store.keys(NATIVE_GROUP):
-        rel = PurePosixPath(key.split("/", 1)[1])
-        if rel.is_absolute() or ".." in rel.parts or rel.suffix not in NATIVE_SUFFIXES:
-            store.discard(key)
-            continue
-        target = root.joinpath(*rel.parts)
-        if not target.is_file():
-            try:
-                atomic_write_bytes(target, store.get(key))
-                count += 1
-            except OSError as e:
-                logger.debug("could not restore %s: %s", target, e)
-    return count
 
 
 def _short(e: BaseException) -> str:
