@@ -2,10 +2,11 @@
 
 torch's CUDA GroupNorm computes each (image, group) pair's moments in one thread block
 (`RowwiseMomentsCUDAKernel`). A VAE decoder at 1024² has 32 such rows of 4-16 M values each, so 32 blocks
-run on a GPU of 132 SMs: on the H200 (torch 2.11, 2026-12-03, `exp`-style micro-benchmark of FLUX's VAE
-decoder, bf16, 128² latents) those kernels took 44.6 ms of an 84.8 ms decode. torch's reductions
-(`mean`, `vector_norm`) split a long row over many blocks, and eval-mode `batch_norm` applies per-channel
-statistics in one elementwise pass, so the same normalization is four memory-bound passes instead.
+run on a GPU of 132 SMs: on the H200 (torch 2.11, 2026-12-03, FLUX's VAE decoder, bf16, 128² latents) those
+kernels took 44.6 ms of an 84.8 ms NCHW decode, and channels-last inputs add a layout copy per norm (128.7 ms).
+torch's reductions (`mean`, `vector_norm`) split a long row over many blocks, and eval-mode `batch_norm`
+applies per-channel statistics in one elementwise pass: four memory-bound passes, and the decode takes 43 ms
+(docs/h200/vae_group_norm.json; in the pipeline the VAE stage went from 0.149 to 0.067 s).
 
 Hand-written because neither torch nor diffusers has a GroupNorm kernel that parallelizes within a group;
 Inductor's would, but compiling the VAE costs its first call 42-45 s (torch_options.py).

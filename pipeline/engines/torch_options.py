@@ -41,8 +41,10 @@ AUTOTUNE_OPTIONS: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm": T
 # The VAE decoder stays eager by default: on an H100 (FLUX-dev, 512x512, 2026-11-24, scripts/bench.py)
 # compiling it took 42-45 s of a 59 s first call for a decode of 0.018 s compiled vs 0.024 s eager.
 DEFAULT_COMPILE_VAE = False
-# The VAE on CUDA: its GroupNorms take group_norm.py's split-reduction statistics (torch's own kernel ran one
-# thread block per group: 44.6 ms of FLUX's 84.8 ms decode at 1024², H200, 2026-12-03), in this memory layout.
+# The VAE on CUDA: its GroupNorms take group_norm.py's split-reduction statistics, in this memory layout.
+# Decode, H200, torch 2.11, 2026-12-03 (docs/h200/vae_group_norm.json), torch's GroupNorm NCHW / channels-last
+# -> ours NCHW / channels-last: FLUX 1024² bf16 87.8 / 128.7 -> 43.2 / 43.1 ms; SD 512² fp16 23.7 / 29.4 ->
+# 20.7 / 15.4 ms; SDXL's float32 VAE at 1024² 116.8 / 165.0 -> 81.5 / 72.6 ms.
 VAE_CHANNELS_LAST = True
 # Attention on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms against
 # flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
