@@ -42,9 +42,9 @@ AUTOTUNE_OPTIONS: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm": T
 # compiling it took 42-45 s of a 59 s first call for a decode of 0.018 s compiled vs 0.024 s eager.
 DEFAULT_COMPILE_VAE = False
 # The VAE on CUDA: its GroupNorms take group_norm.py's split-reduction statistics, in this memory layout.
-# Decode, H200, torch 2.11, 2026-12-03 (docs/h200/vae_group_norm.json), torch's GroupNorm NCHW / channels-last
-# -> ours NCHW / channels-last: FLUX 1024² bf16 87.8 / 128.7 -> 43.2 / 43.1 ms; SD 512² fp16 23.7 / 29.4 ->
-# 20.7 / 15.4 ms; SDXL's float32 VAE at 1024² 116.8 / 165.0 -> 81.5 / 72.6 ms.
+# Decode, H200, torch 2.11, 2026-12-03 (scripts/vae_bench.py, docs/h200/vae_group_norm.json), torch's GroupNorm
+# NCHW / channels-last -> ours NCHW / channels-last: FLUX 1024² bf16 87.8 / 128.7 -> 43.2 / 43.1 ms; SD 512²
+# fp16 23.7 / 29.4 -> 20.7 / 15.4 ms; SDXL's float32 VAE at 1024² 116.8 / 165.0 -> 81.5 / 72.6 ms.
 VAE_CHANNELS_LAST = True
 # Attention on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms against
 # flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;

@@ -1,0 +1,257 @@
+"""Kernel probes on CUDA (one-off measurements the README cites; docs/h200/fp8_quant_vae_plans.json):
+
+- flux_quant: one FLUX double + single block in fp8 at 1024², compiled with Inductor's default reductions,
+  `triton.multi_kernel`, or persistent reductions up to 16k columns; time per replay and top kernels;
+- vae: the VAE decoder NCHW against channels-last (torch's GroupNorm);
+- plans: whether cuDNN attention / convolution plans built in one thread serve another.
+
+    python scripts/kernel_probes.py [plans] [vae] [flux_quant]      (writes $OUT/exp.json)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.getcwd())
+OUT = os.environ.get("OUT", "/tmp")
+RESULTS: dict = {}
+
+
+def timed_graph(fn, reps=20):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    ms = a.elapsed_time(b) / reps
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        g.replay()
+        torch.cuda.synchronize()
+    kernels = sorted(
+        ((e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_time_total > 0),
+        key=lambda t: -t[1],
+    )[:14]
+    return ms, [(k[:100], round(t, 3), c) for k, t, c in kernels]
+
+
+def flux_quant() -> None:
+    from diffusers import FluxTransformer2DModel
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pipeline.engines.fp8 import fuse_fp8_projections, quantize_linears
+    from pipeline.engines.fusion import fuse_projections
+
+    torch.manual_seed(0)
+    model = (
+        FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        )
+        .to("cuda", torch.bfloat16)
+        .eval()
+    )
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    fuse_projections(model)
+    quantize_linears(model, device=torch.device("cuda"), quiet=True)
+    fuse_fp8_projections(model)
+    dev = "cuda"
+    n_img, n_txt = 4096, 512
+    ids = torch.zeros(n_img, 3, device=dev)
+    ids[:, 1] = torch.arange(n_img, device=dev) // 64
+    ids[:, 2] = torch.arange(n_img, device=dev) % 64
+    inputs = dict(
+        hidden_states=torch.randn(1, n_img, 64, device=dev, dtype=torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, n_txt, 4096, device=dev, dtype=torch.bfloat16),
+        pooled_projections=torch.randn(1, 768, device=dev, dtype=torch.bfloat16),
+        timestep=torch.tensor([0.5], device=dev, dtype=torch.bfloat16),
+        img_ids=ids,
+        txt_ids=torch.zeros(n_txt, 3, device=dev),
+        guidance=torch.tensor([3.5], device=dev, dtype=torch.bfloat16),
+        return_dict=False,
+    )
+
+    class Wide(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction):
+
+            if features.get_reduction_hint().name == "INNER":
+                return V.graph.sizevars.statically_known_leq(features.reduction_numel, 16384)
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    variants = {
+        "default": ({}, None),
+        "multi_kernel": ({"triton.multi_kernel": 1}, None),
+        "persistent_16k": ({}, Wide),
+    }
+    for name, (options, choices) in variants.items():
+        torch._dynamo.reset()
+        if choices is not None:
+            V.set_choices_handler(choices())
+        else:
+            V.set_choices_handler(InductorChoices())
+        fn = torch.compile(model, fullgraph=True, dynamic=False, options=options or None)
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = fn(**inputs)[0]
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - t0
+                ms, kernels = timed_graph(lambda fn=fn: fn(**inputs))
+            RESULTS[f"flux_fp8_{name}"] = {
+                "ms": round(ms, 3),
+                "compile_s": round(compile_s, 1),
+                "out_norm": float(out.float().norm()),
+                "kernels": kernels,
+            }
+        except Exception as e:
+            RESULTS[f"flux_fp8_{name}"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+        print(name, {k: v for k, v in RESULTS[f"flux_fp8_{name}"].items() if k != "kernels"}, flush=True)
+    V.set_choices_handler(InductorChoices())
+
+
+def vae() -> None:
+    from diffusers import AutoencoderKL
+
+    from pipeline.architectures import _VAE
+
+    for label, cfg, dtype, lat in (
+        (
+            "flux_1024",
+            dict(_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False),
+            torch.bfloat16,
+            (1, 16, 128, 128),
+        ),
+        ("sd_512", dict(_VAE, latent_channels=4), torch.float16, (1, 4, 64, 64)),
+        ("sd_1024", dict(_VAE, latent_channels=4), torch.float16, (1, 4, 128, 128)),
+    ):
+        torch.manual_seed(0)
+        v = AutoencoderKL(**cfg).to("cuda", dtype).eval()
+        z = torch.randn(*lat, device="cuda", dtype=dtype)
+        ref = None
+        for layout in ("nchw", "channels_last"):
+            if layout == "channels_last":
+                v = v.to(memory_format=torch.channels_last)
+                zz = z.contiguous(memory_format=torch.channels_last)
+            else:
+                zz = z
+            with torch.inference_mode():
+                for _ in range(2):
+                    out = v.decode(zz).sample
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    out = v.decode(zz).sample
+                torch.cuda.synchronize()
+                ms = (time.perf_counter() - t0) / 5 * 1e3
+                if ref is None:
+                    ref = out.float()
+                diff = float((out.float() - ref).abs().max())
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    v.decode(zz)
+                    torch.cuda.synchronize()
+            kernels = sorted(
+                (
+                    (e.key[:90], round(e.device_time_total / 1e3, 3), e.count)
+                    for e in prof.key_averages()
+                    if e.device_time_total > 0
+                ),
+                key=lambda t: -t[1],
+            )[:10]
+            RESULTS[f"vae_{label}_{layout}"] = {"ms": round(ms, 2), "max_diff": diff, "kernels": kernels}
+            print(label, layout, round(ms, 2), diff, flush=True)
+        del v
+
+
+def plans() -> None:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(n):
+        q = torch.randn(2, 8, n, 40, device="cuda", dtype=torch.float16)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            F.scaled_dot_product_attention(q, q, q)
+
+    def conv(h):
+        c = (
+            torch.nn.Conv2d(320, 320, 3, padding=1)
+            .to("cuda", torch.float16)
+            .to(memory_format=torch.channels_last)
+        )
+        x = torch.randn(2, 320, h, h, device="cuda", dtype=torch.float16).contiguous(
+            memory_format=torch.channels_last
+        )
+        with torch.inference_mode():
+            c(x)
+
+    def t(f, *a):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        f(*a)
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - t0) * 1e3, 2)
+
+    r = {}
+    r["sdpa_main_first_4096"] = t(sdpa, 4096)
+    r["sdpa_main_again_4096"] = t(sdpa, 4096)
+    box = {}
+    th = threading.Thread(target=lambda: box.update(first=t(sdpa, 9216)))
+    th.start()
+    th.join()
+    r["sdpa_thread_first_9216"] = box["first"]
+    r["sdpa_main_after_thread_9216"] = t(sdpa, 9216)
+    r["sdpa_main_again_9216"] = t(sdpa, 9216)
+    r["sdpa_main_first_2304"] = t(sdpa, 2304)
+    r["conv_main_first_64"] = t(conv, 64)
+    r["conv_main_again_64"] = t(conv, 64)
+    th = threading.Thread(target=lambda: box.update(conv=t(conv, 96)))
+    th.start()
+    th.join()
+    r["conv_thread_first_96"] = box["conv"]
+    r["conv_main_after_thread_96"] = t(conv, 96)
+    r["conv_main_again_96"] = t(conv, 96)
+    RESULTS["plans_ms"] = r
+    print(r, flush=True)
+
+
+if __name__ == "__main__":
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    for part in sys.argv[1:] or ["plans", "vae", "flux_quant"]:
+        try:
+            globals()[part]()
+        except Exception as e:
+            RESULTS[part + "_error"] = f"{type(e).__name__}: {e}"
+            print(part, "failed", e, flush=True)
+        json.dump(RESULTS, open(os.path.join(OUT, "exp.json"), "w"), indent=1)
