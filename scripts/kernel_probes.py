@@ -1,11 +1,11 @@
-"""Kernel probes on CUDA (one-off measurements the README cites; docs/h200/fp8_quant_vae_plans.json):
+"""Kernel probes on CUDA (one-off measurements the README cites; docs/h200/fp8_quant_vae_plans.json,
+whose VAE rows came from a probe since replaced by scripts/vae_bench.py):
 
 - flux_quant: one FLUX double + single block in fp8 at 1024², compiled with Inductor's default reductions,
   `triton.multi_kernel`, or persistent reductions up to 16k columns; time per replay and top kernels;
-- vae: the VAE decoder NCHW against channels-last (torch's GroupNorm);
 - plans: whether cuDNN attention / convolution plans built in one thread serve another.
 
-    python scripts/kernel_probes.py [plans] [vae] [flux_quant]      (writes $OUT/exp.json)
+    python scripts/kernel_probes.py [plans] [flux_quant]      (writes $OUT/exp.json)
 """
 
 from __future__ import annotations
@@ -140,61 +140,6 @@ def flux_quant() -> None:
     V.set_choices_handler(InductorChoices())
 
 
-def vae() -> None:
-    from diffusers import AutoencoderKL
-
-    from pipeline.architectures import _VAE
-
-    for label, cfg, dtype, lat in (
-        (
-            "flux_1024",
-            dict(_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False),
-            torch.bfloat16,
-            (1, 16, 128, 128),
-        ),
-        ("sd_512", dict(_VAE, latent_channels=4), torch.float16, (1, 4, 64, 64)),
-        ("sd_1024", dict(_VAE, latent_channels=4), torch.float16, (1, 4, 128, 128)),
-    ):
-        torch.manual_seed(0)
-        v = AutoencoderKL(**cfg).to("cuda", dtype).eval()
-        z = torch.randn(*lat, device="cuda", dtype=dtype)
-        ref = None
-        for layout in ("nchw", "channels_last"):
-            if layout == "channels_last":
-                v = v.to(memory_format=torch.channels_last)
-                zz = z.contiguous(memory_format=torch.channels_last)
-            else:
-                zz = z
-            with torch.inference_mode():
-                for _ in range(2):
-                    out = v.decode(zz).sample
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    out = v.decode(zz).sample
-                torch.cuda.synchronize()
-                ms = (time.perf_counter() - t0) / 5 * 1e3
-                if ref is None:
-                    ref = out.float()
-                diff = float((out.float() - ref).abs().max())
-                from torch.profiler import ProfilerActivity, profile
-
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    v.decode(zz)
-                    torch.cuda.synchronize()
-            kernels = sorted(
-                (
-                    (e.key[:90], round(e.device_time_total / 1e3, 3), e.count)
-                    for e in prof.key_averages()
-                    if e.device_time_total > 0
-                ),
-                key=lambda t: -t[1],
-            )[:10]
-            RESULTS[f"vae_{label}_{layout}"] = {"ms": round(ms, 2), "max_diff": diff, "kernels": kernels}
-            print(label, layout, round(ms, 2), diff, flush=True)
-        del v
-
-
 def plans() -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -248,7 +193,7 @@ def plans() -> None:
 
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
-    for part in sys.argv[1:] or ["plans", "vae", "flux_quant"]:
+    for part in sys.argv[1:] or ["plans", "flux_quant"]:
         try:
             globals()[part]()
         except Exception as e:
