@@ -37,8 +37,8 @@ def _owner_gone(batch: Batch) -> bool:
 def compile_batch(batch: Batch) -> int:
     """Compile every job of `batch`; returns how many failed."""
     from ..cache import atomic_write_bytes
-    from .compile_cache import NATIVE_GROUP, ArtifactStore, save_store
-    from .region_artifacts import inductor_dir
+    from .compile_cache import ArtifactStore, save_store
+    from .region_artifacts import put_native, read_native
     from .torch_compile import aot_compile_region, configure_dynamo
 
     configure_dynamo()
@@ -60,10 +60,9 @@ def compile_batch(batch: Batch) -> int:
             logger.exception("compiling %s failed", job.group)
             failed += 1
             continue
-        landed = Landed(job.group, data, {rel: (inductor_dir() / rel).read_bytes() for rel in native})
+        landed = Landed(job.group, data, read_native(native))
         store.add(job.group, data)
-        for rel, lib in landed.native.items():
-            store.put(f"{NATIVE_GROUP}/{rel}", NATIVE_GROUP, lib)
+        put_native(store, landed.native)
         if time.monotonic() - saved_at >= SAVE_EVERY_S:  # each save rewrites the file: not after every job
             save_store(store, cache_path, batch.platform_key, batch.meta)
             saved_at = time.monotonic()

@@ -61,19 +61,18 @@ class WideGroupNorm(nn.GroupNorm):
 
 def widen_group_norms(module: nn.Module) -> int:
     """Make every nn.GroupNorm in `module` a WideGroupNorm in place (parameters kept). Returns how many."""
-    count = 0
-    for m in module.modules():
-        if type(m) is nn.GroupNorm:
-            m.__class__ = WideGroupNorm
-            count += 1
-    return count
+    return _swap_class(module, nn.GroupNorm, WideGroupNorm)
 
 
 def restore_group_norms(module: nn.Module) -> int:
     """Undo `widen_group_norms` (torch's kernel again, as a plain diffusers module has). Returns how many."""
+    return _swap_class(module, WideGroupNorm, nn.GroupNorm)
+
+
+def _swap_class(module: nn.Module, old: type[nn.Module], new: type[nn.Module]) -> int:
     count = 0
     for m in module.modules():
-        if type(m) is WideGroupNorm:
-            m.__class__ = nn.GroupNorm
+        if type(m) is old:
+            m.__class__ = new
             count += 1
     return count

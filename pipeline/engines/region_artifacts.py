@@ -61,13 +61,21 @@ def native_files() -> set[str]:
     }
 
 
-def keep_native(store: ArtifactStore, paths: set[str]) -> None:
-    root = inductor_dir()
+def read_native(paths: set[str]) -> dict[str, bytes]:
+    """The kernel libraries at `paths` (relative to Inductor's cache folder), by path."""
+    root, libs = inductor_dir(), {}
     for rel in sorted(paths):
         try:
-            store.put(f"{NATIVE_GROUP}/{rel}", NATIVE_GROUP, (root / rel).read_bytes())
+            libs[rel] = (root / rel).read_bytes()
         except OSError:  # removed meanwhile: the kernel is compiled again at load
             continue
+    return libs
+
+
+def put_native(store: ArtifactStore, libs: dict[str, bytes]) -> None:
+    """Keep kernel libraries (`read_native`'s) in `store`, beside the artifacts that need them."""
+    for rel, lib in libs.items():
+        store.put(f"{NATIVE_GROUP}/{rel}", NATIVE_GROUP, lib)
 
 
 def restore_native(store: ArtifactStore) -> int:

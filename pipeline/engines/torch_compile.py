@@ -36,8 +36,8 @@ from torch import nn
 
 from .background_compile import BackgroundCompiler
 from .base import Specialization
-from .compile_cache import NATIVE_GROUP, ArtifactStore
-from .region_artifacts import deserialize, keep_native, native_files, restore_native, serialize
+from .compile_cache import INDUCTOR_GROUP, NATIVE_GROUP, ArtifactStore
+from .region_artifacts import deserialize, native_files, put_native, read_native, restore_native, serialize
 from .region_keys import block_fingerprint, call_signature, canonical_inputs
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class RegionCompiler:
             return 0
         restore_native(self.store)
         for group in self.store.groups():
-            if group not in ("inductor", NATIVE_GROUP):
+            if group not in (INDUCTOR_GROUP, NATIVE_GROUP):
                 self._artifacts(group)
         return self.stats.loaded
 
@@ -178,8 +178,7 @@ class RegionCompiler:
             loaded = self._artifacts(item.group)  # what the store held is loaded first: keys and list align
             held = len(self.store.keys(item.group))
             self.store.add(item.group, item.data)
-            for rel, lib in item.native.items():
-                self.store.put(f"{NATIVE_GROUP}/{rel}", NATIVE_GROUP, lib)
+            put_native(self.store, item.native)
             if len(self.store.keys(item.group)) > held:  # not a copy of one it holds (one serves both)
                 loaded.append(item.fn)
         self.stats.background += len(ready)
@@ -212,7 +211,7 @@ class RegionCompiler:
             fn, data, native = aot_compile_region(
                 block, args, kwargs, dynamic=self.dynamic, options=self.options
             )
-            keep_native(self.store, native)
+            put_native(self.store, read_native(native))
         except Exception as e:
             logger.warning(
                 "ahead-of-time compile of %s failed (%s); it uses torch.compile instead", kind, _short(e)
