@@ -14,7 +14,6 @@ CUDA graph per shape (`Backend.graphed`, `CudaGraphCall`); the scheduler's updat
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +29,6 @@ if TYPE_CHECKING:
     from .engines.base import Backend
 
 logger = logging.getLogger(__name__)
-# One CUDA-graph capture at a time in this process: a serving thread's and graph_upgrade.py's thread capture
-# into the same memory pool (their graphs are replayed in turn, by the serving thread, never at once).
-CAPTURE_LOCK = threading.Lock()
 Generators = torch.Generator | list[torch.Generator] | None
 
 
@@ -300,7 +296,7 @@ class CudaGraphCall:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with CAPTURE_LOCK, torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             outputs = self.fn(static)
         seconds = time.perf_counter() - start
         self.capture_s[str(key)] = seconds
@@ -352,49 +348,13 @@ class StepGraph:
         current.wait_stream(side)
         on_step()
         graph = torch.cuda.CUDAGraph()
-        with CAPTURE_LOCK, torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             step()
         captured = cls(static, graph, time.perf_counter() - start)
         for _ in range(state.num_steps - 1):
             graph.replay()
             on_step()
         return captured, static
-
-    @classmethod
-    def capture(
-        cls,
-        state: DenoiseState,
-        make_step: Callable[[DenoiseState], Callable[[], None]],
-        *,
-        ready: torch.cuda.Event,
-        pool: object | None = None,
-        wanted: Callable[[], bool] = lambda: True,
-    ) -> StepGraph | None:
-        """Capture the step at `state`'s shapes without serving a call (graph_upgrade.py's thread): once
-        `ready` (recorded after `state` was written) has passed, one step runs for real on a stream of this
-        thread (the warm-up: this thread's lazy set-up, cuDNN's plans), then the capture, unless `wanted()`
-        says no by then. `state` becomes the graph's own buffers. Returns once the GPU has run the warm-up."""
-        start = time.perf_counter()
-        stream = torch.cuda.Stream(state.history.device)
-        stream.wait_event(ready)
-        step = make_step(state)
-        graph: torch.cuda.CUDAGraph | None = None
-        try:
-            with torch.cuda.device(stream.device), torch.cuda.stream(stream):
-                step()  # the warm-up, on the graph's buffers (a call copies its values in before replaying)
-                with CAPTURE_LOCK:
-                    if wanted():
-                        graph = torch.cuda.CUDAGraph()
-                        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-                        try:
-                            step()
-                        finally:
-                            graph.capture_end()
-        finally:  # nothing of this stream's work may outlive `state` (freed if no graph keeps it)
-            stream.synchronize()
-        if graph is None:
-            return None
-        return cls(state, graph, time.perf_counter() - start)
 
     def run(self, state: DenoiseState, on_step: Callable[[], None]) -> DenoiseState:
         """Copy `state`'s values in, replay the step `num_steps` times; the graph's state holds the result."""

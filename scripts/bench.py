@@ -90,7 +90,6 @@ ALL_CONFIGS = (
     "static_graphs",
     "graphs_resnets",
     "graphs_background",
-    "graphs_cudnn_first",
     "graphs_nchw",
     "graphs_flash",
     "fp8_torchao",
@@ -101,7 +100,6 @@ OPT_IN_CONFIGS = (
     "static_graphs",
     "graphs_resnets",
     "graphs_background",
-    "graphs_cudnn_first",
     "graphs_nchw",
     "graphs_flash",
     "fp8_torchao",
@@ -113,7 +111,6 @@ NEW_SIZE_CONFIGS = (  # --new-size measured
     "adaptive_graphs",
     "graphs_resnets",
     "graphs_background",
-    "graphs_cudnn_first",
     "graphs_nchw",
     "graphs_flash",
 )

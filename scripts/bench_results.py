@@ -99,13 +99,6 @@ OURS = {
         True,
         (("compile_resnets", "background"),),
     ),
-    "graphs_cudnn_first": OursSpec(
-        "ours, a new size's first graph with cuDNN's attention (fresh_shape_attention off) + graphs",
-        None,
-        True,
-        True,
-        (("fresh_shape_attention", "off"),),
-    ),
     "graphs_nchw": OursSpec(
         "ours, NCHW UNet (channels_last off) + graphs", None, True, True, (("channels_last", False),)
     ),
@@ -245,9 +238,8 @@ def call_ours(pipe: Pipeline, request: Request, height: int = 0, width: int = 0)
 def settle_background(
     pipe: Pipeline, setup: Setup, height: int = 0, width: int = 0
 ) -> tuple[float | None, float | None]:
-    """Wait for regions compiling in the background and graphs recapturing with cuDNN's attention, and make
-    one call that swaps them in (and recaptures the CUDA graphs): what follows is the steady state a user
-    reaches. Returns (seconds waited, that call)."""
+    """Wait for regions compiling in the background and make one call that swaps them in (and recaptures the
+    CUDA graphs): what follows is the steady state a user reaches. Returns (seconds waited, that call)."""
     backend = pipe.backend
     if not getattr(backend, "background_busy", False):
         return None, None
@@ -258,8 +250,6 @@ def settle_background(
     waited = time.perf_counter() - start
     call, _ = call_ours(pipe, setup.request, height, width)
     logger.info("background compiles: %.1f s; the call swapping them in %.3f s", waited, call.seconds)
-    if backend.background_busy:  # that call's recaptured graphs, recaptured again with cuDNN's attention
-        backend.wait_background(BACKGROUND_TIMEOUT_S)
     return waited, call.seconds
 
 

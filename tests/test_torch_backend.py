@@ -179,7 +179,7 @@ def test_own_step_loop_with_cuda_graphs_equals_eager(tiny_sd: Path, tmp_path: Pa
     graphed, again = _images(pipe), _images(pipe)
     with pipe.backend.uncompiled():
         eager = _images(pipe)
-    assert pipe.backend.graphs.calls["guided_denoiser"].graphs  # the denoiser call really was replayed
+    assert pipe.backend._graphed_calls["guided_denoiser"].graphs  # the denoiser call really was replayed
     assert np.abs(graphed - eager).max() < 1e-3
     assert np.array_equal(graphed, again)
 

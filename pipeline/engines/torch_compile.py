@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import redirect_sdpa
 from .background_compile import BackgroundCompiler
 from .base import Specialization
 from .compile_cache import INDUCTOR_GROUP, NATIVE_GROUP, ArtifactStore
@@ -107,7 +106,6 @@ class RegionCompiler:
         specialization: Specialization = Specialization.NONE,
         options: dict[str, Any] | None = None,
         tag: str = "",
-        redirect_attention: bool = False,
     ) -> None:
         self.store = store
         # block kinds compiled by `background` (background_compile.py) and eager until their artifacts land
@@ -116,8 +114,6 @@ class RegionCompiler:
         self.dynamic = specialization is not Specialization.EAGER
         self.options = dict(options or {})
         self.tag = tag  # what else artifacts depend on (attention backend, precision...)
-        # attention traced as attention.py's op, whose kernel each thread picks (its tag says so)
-        self.redirect_attention = redirect_attention
         self.aot, why = aot_available()
         if not self.aot:
             logger.info("ahead-of-time compile unavailable (%s); regions use torch.compile", why)
@@ -213,12 +209,7 @@ class RegionCompiler:
         )
         try:
             fn, data, native = aot_compile_region(
-                block,
-                args,
-                kwargs,
-                dynamic=self.dynamic,
-                options=self.options,
-                redirect_attention=self.redirect_attention,
+                block, args, kwargs, dynamic=self.dynamic, options=self.options
             )
             put_native(self.store, read_native(native))
         except Exception as e:
@@ -241,28 +232,20 @@ class RegionCompiler:
             fn = torch.compile(_run_block, fullgraph=True, dynamic=self.dynamic, options=self.options or None)
             self._jit[kind] = fn
             self.stats.jit_kinds.append(kind)
-        with redirect_sdpa(self.redirect_attention):  # traced lazily: at its first call
-            return fn(block, *args, **kwargs)
+        return fn(block, *args, **kwargs)
 
 
 def aot_compile_region(
-    block: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    *,
-    dynamic: bool,
-    options: dict[str, Any],
-    redirect_attention: bool = False,
+    block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic: bool, options: dict[str, Any]
 ) -> tuple[Any, bytes, set[str]]:
-    """Compile `_run_block` for `block` and inputs like these, ahead of time (its attention as attention.py's
-    op with `redirect_attention`). Returns the compiled function, its serialized bytes and the CPU kernel
-    libraries Inductor compiled for it (paths in its cache folder)."""
+    """Compile `_run_block` for `block` and inputs like these, ahead of time. Returns the compiled function,
+    its serialized bytes and the CPU kernel libraries Inductor compiled for it (paths in its cache folder)."""
     compiled = torch.compile(
         _run_block, fullgraph=True, dynamic=dynamic, options={**options, "guard_filter_fn": _keep_guards}
     )
     # sizes that happen to be equal (a token count and a width) must not share one symbol
     before = native_files()
-    with redirect_sdpa(redirect_attention), torch.fx.experimental._config.patch(use_duck_shape=False):
+    with torch.fx.experimental._config.patch(use_duck_shape=False):
         fn = compiled.aot_compile(((block, *args), kwargs))
     return fn, serialize(fn), native_files() - before
 

@@ -33,7 +33,6 @@ from .compile_cache import INDUCTOR_GROUP, ArtifactStore, load_store, save_store
 from .compile_warmup import CompilerWarmup
 from .fusion import fuse_projections
 from .group_norm import widen_group_norms
-from .step_graphs import GraphSet
 from .torch_compile import (
     RESNET_REGIONS,
     CompiledForward,
@@ -52,7 +51,7 @@ from .torch_options import (
 
 if TYPE_CHECKING:
     from ..cache import ModelCache
-    from ..denoise import DenoiseState
+    from ..denoise import DenoiseState, StepGraph
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,6 @@ class TorchStats:
     captures: dict[str, float] = field(default_factory=dict)
     regions: RegionStats = field(default_factory=RegionStats)
     warmup_s: float | None = None  # the compiler's start-up, done while the model loaded (compile_warmup.py)
-    upgrades: dict[str, float] = field(default_factory=dict)  # shape -> seconds of its cuDNN recapture
 
 
 class TorchBackend(Backend):
@@ -97,18 +95,14 @@ class TorchBackend(Backend):
         )
         self.hooks: list[CompiledForward] = []
         self.compiler: RegionCompiler | None = None
+        self._graphs: dict[tuple[Any, ...], StepGraph] = {}
+        self._pool: Any = None
+        self._graphed_calls: dict[str, Any] = {}  # denoise.CudaGraphCall per name (own-step schedulers)
         self._bypass = False
         resnets = self.options.compile_resnets
         if resnets is None:
             resnets = family.compile_resnets_on_cuda if device.type == "cuda" else "off"
         self.compile_resnets = resnets if self.options.compile else "off"
-        # a new size's graph: first captured with `fresh_attention`, recaptured with cuDNN in graph_upgrade.py's
-        # thread. Regions trace attention as attention.py's op wherever the choice is on (the CPU included).
-        fresh = self.options.fresh_shape_attention or family.fresh_shape_attention or "off"
-        self.redirect_attention = self.options.compile and fresh != "off"
-        upgrade = self.redirect_attention and self.attention == "cudnn" and self.options.cuda_graphs
-        self.graphs = GraphSet(device, fresh if upgrade else None)
-        self.stats.captures, self.stats.upgrades = self.graphs.captures, self.graphs.upgrades
 
         source = family.source
         self.fp8_kernel: str | None = None
@@ -117,8 +111,6 @@ class TorchBackend(Backend):
 
             self.fp8_kernel = self.options.fp8_kernel or DEFAULT_KERNEL
         self.tag = f"attn-{self.attention}" + (f"-fp8-{self.fp8_kernel}" if self.fp8_kernel else "")
-        if self.redirect_attention:
-            self.tag += "-rtattn"  # attention as attention.py's op
         if self.options.autotune:
             self.tag += "-autotune"  # its artifacts hold other kernels: never mixed with the default ones
         store, warmup = None, None
@@ -179,11 +171,7 @@ class TorchBackend(Backend):
     ) -> None:
         inductor = dict(INDUCTOR_OPTIONS) | (AUTOTUNE_OPTIONS if self.options.autotune else {})
         self.compiler = RegionCompiler(
-            store,
-            specialization=self.options.specialization,
-            options=inductor,
-            tag=self.tag,
-            redirect_attention=self.redirect_attention,
+            store, specialization=self.options.specialization, options=inductor, tag=self.tag
         )
         self.stats.regions = self.compiler.stats
         extra = RESNET_REGIONS if self.compile_resnets != "off" else ()
@@ -266,20 +254,22 @@ class TorchBackend(Backend):
         """Serve what the background compiler finished; captured graphs ran those regions eagerly, so they
         are captured again (once per finished batch: one call pays a capture, like a new size)."""
         if self.compiler is not None and self.compiler.swap_in():
-            self.graphs.clear()
+            self._graphs.clear()
+            self._graphed_calls.clear()
+            # their memory pool goes with them: capturing into its handle again trips the allocator's
+            # assert (use_count > 0, torch 2.11), so the next capture takes a fresh pool
+            self._pool = None
             logger.info("background-compiled regions swapped in; the next call captures its graphs again")
 
     def between_calls(self) -> None:
-        self.graphs.take_upgrades()
         self._swap_in()
         if self._background is not None:
             self._background.launch()  # what this call's regions submitted
 
     @property
     def background_busy(self) -> bool:
-        """Whether regions are still compiling (or queued) in the background, or graphs capturing."""
-        regions = self._background is not None and self._background.busy
-        return regions or self.graphs.busy
+        """Whether regions are still compiling (or queued) in the background."""
+        return self._background is not None and self._background.busy
 
     def wait_background(self, timeout: float | None = None) -> bool:
         """Wait until the regions compiling in the background are done and served (or `timeout` seconds);
@@ -292,7 +282,6 @@ class TorchBackend(Backend):
             if not background.wait(left):
                 break
             self._swap_in()
-        self.graphs.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not self.background_busy
 
     def stop_background(self) -> None:
@@ -302,7 +291,6 @@ class TorchBackend(Backend):
             self.compiler.background = None
 
     def close(self) -> None:
-        self.graphs.close()
         if self._background is not None:
             self._swap_in()  # what finished goes into this process's save too
             self._background.close()  # the rest finishes into the cache file by itself
@@ -344,13 +332,32 @@ class TorchBackend(Backend):
     ) -> DenoiseState:
         if not self.options.cuda_graphs or self._bypass:
             return super().denoise(state, make_step, on_step)
-        return self.graphs.denoise(state, make_step, on_step)
+        from ..denoise import StepGraph, graph_key
+
+        key = graph_key(state)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph.run(state, on_step)
+        graph, result = StepGraph.first_run(state, make_step, on_step, pool=self._graph_pool())
+        self._graphs[key] = graph
+        self.stats.captures[str(tuple(state.history.shape))] = graph.capture_s
+        logger.info("captured the denoising step in %.2f s (its first step included)", graph.capture_s)
+        return result
 
     # ---- the loop of a scheduler's own step: its denoiser call in CUDA graphs (denoise.CudaGraphCall) ------
     def graphed(self, name: str, fn: Callable[[Tensors], Tensors]) -> Callable[[Tensors], Tensors]:
         if not self.options.cuda_graphs or self._bypass:
             return fn
-        return self.graphs.graphed(name, fn)
+        from ..denoise import CudaGraphCall
+
+        if name not in self._graphed_calls:
+            self._graphed_calls[name] = CudaGraphCall(fn, self.device, pool=self._graph_pool())
+        return self._graphed_calls[name]
+
+    def _graph_pool(self) -> Any:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
 
 
 def _has_convolutions(module: torch.nn.Module) -> bool:

@@ -27,7 +27,6 @@ OPTIONS = (
     "compile_resnets",
     "autotune",
     "channels_last",
-    "fresh_shape_attention",
 )
 _PLUMBING = ("cache_dir", "model_cache")  # passed by the pipeline, not by users
 # Inductor options for the regions. Default mode: the large GEMMs go to cuBLAS either way; Inductor's own
@@ -55,12 +54,6 @@ ATTENTION_CHOICES = ("auto", "cudnn", "flash", "default")
 # torch._scaled_mm module (fp8.py); see fp8.py for which is the default and why.
 FP8_KERNELS = ("torchao", "scaled_mm")
 SPECIALIZATIONS = (Specialization.NONE, Specialization.EAGER)
-# `fresh_shape_attention`: with cuDNN attention, the kernel a new size's CUDA graph is first captured with
-# ("flash": no per-shape plans; attention.py, graph_upgrade.py), cuDNN's graph swapped in once a thread of its
-# own has captured it; "off": cuDNN from the start (the call builds its plans). Unset: the family's choice on
-# CUDA (`Family.fresh_shape_attention`). The first image at a new size then differs from later ones at the
-# same seed by the two kernels' rounding.
-FRESH_SHAPE_ATTENTION = ("flash", "off")
 # The UNets' ResnetBlock2D as regions too (besides their attention blocks): "on" compiles them in the call that
 # meets them, "background" in another process while they run eagerly (background_compile.py), "off" never
 # (True/False: on/off). Unset: each family's `compile_resnets_on_cuda` on CUDA with compile on, off elsewhere.
@@ -104,7 +97,6 @@ class TorchOptions:
     compile_resnets: str | None = None  # one of RESNET_MODES; None: the family's choice on CUDA
     autotune: bool = False
     channels_last: bool | None = None  # None: the family's choice on CUDA, off elsewhere
-    fresh_shape_attention: str | None = None  # one of FRESH_SHAPE_ATTENTION; None: the family's choice
 
     @classmethod
     def parse(cls, device: torch.device, options: dict[str, Any]) -> TorchOptions:
@@ -153,11 +145,6 @@ class TorchOptions:
         channels_last = options.get("channels_last")
         if channels_last is not None:
             channels_last = _flag(options, "channels_last", default=False)
-        fresh = options.get("fresh_shape_attention")
-        if fresh is not None and fresh not in FRESH_SHAPE_ATTENTION:
-            raise InvalidInputError(
-                f"fresh_shape_attention must be one of {', '.join(FRESH_SHAPE_ATTENTION)}, got {fresh!r}"
-            )
         return cls(
             compile_,
             graphs,
@@ -169,7 +156,6 @@ class TorchOptions:
             resnets,
             autotune,
             channels_last,
-            fresh,
         )
 
 

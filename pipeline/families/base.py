@@ -214,9 +214,6 @@ class Family(ABC):
     channels_last_on_cuda: ClassVar[bool] = False
     # the torch backend's `compile_resnets` on CUDA when unset: "off", "on" or "background" (torch_options.py)
     compile_resnets_on_cuda: ClassVar[str] = "off"
-    # the torch backend's `fresh_shape_attention` on CUDA when unset: the attention kernel a new size's graph
-    # is first captured with while cuDNN's is captured in the background (torch_options.py); None: cuDNN only
-    fresh_shape_attention: ClassVar[str | None] = None
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source

@@ -51,7 +51,6 @@ class StableDiffusionFamily(Family):
     fp8_modules = ("*attentions.*",)  # the transformer blocks' projections and feed-forwards
     channels_last_on_cuda = True  # SD 1.5 512², H200: 0.52 s steady vs 0.61 s NCHW (torch_options.py)
     compile_resnets_on_cuda = "background"  # 0.45 s once they land, never in a request (torch_options.py)
-    fresh_shape_attention = "flash"  # a new size's cuDNN plans cost its first call 0.45 s (attention.py)
 
     @property
     def granularity(self) -> int:

@@ -89,7 +89,6 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     schedule_begin_index = True
     channels_last_on_cuda = False  # SDXL 1024², H200: NCHW 1.32 s steady, channels-last 1.36 s
     compile_resnets_on_cuda = "off"
-    fresh_shape_attention = "flash"  # 768² after 1024²: 1.33x its steady time with cuDNN's plans in the call
 
     @property
     def default_guidance(self) -> float:
