@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from .engines import Backend, choose_backend, create_backend
 from .families import Family, family_for
 from .families.base import Tensors
 from .loading import ModelSource, resolve_model
+from .lora.methods import LoraMethods
 from .options import dtype_name, parse_device, parse_dtype
 from .requests import check_prompts, check_request, make_generators, one_dtype
 from .schedule import Schedule, plan_schedule
@@ -49,8 +50,9 @@ class PipelineOutput:
     seeds: list[int] | None = None  # each image's own seed: `seed=seeds[i]` alone gives image i again
 
 
-class Pipeline:
-    """A text-to-image pipeline whose every stage runs through an engine of the chosen backend."""
+class Pipeline(LoraMethods):
+    """A text-to-image pipeline whose every stage runs through an engine of the chosen backend (LoRA methods
+    with diffusers' names: pipeline/lora/methods.py)."""
 
     def __init__(
         self,
@@ -324,50 +326,35 @@ class Pipeline:
         """Denoising steps (model evaluations) of the current or last call, as diffusers names it."""
         return self._num_timesteps
 
-    # ---- LoRA adapters, with diffusers' names (pipeline/lora/) -------------------------------------------
-    @property
-    def lora(self) -> LoraAdapters:
-        """The loaded LoRA adapters (merged into the weights in place: nothing recompiles or rebuilds)."""
-        if self._lora is None:
-            from .lora import adapters_for
+    def warm_up(
+        self, sizes: Sequence[tuple[int, int]] | None = None, num_inference_steps: int | None = None
+    ) -> dict[str, float]:
+        """Serve one throw-away call per (width, height) so that the first request at each runs at full speed.
 
-            self._lora = adapters_for(self.backend, self.source)
-        return self._lora
-
-    def load_lora_weights(
-        self,
-        pretrained_model_name_or_path: str | Path,
-        weight_name: str | None = None,
-        adapter_name: str | None = None,
-        *,
-        local_files_only: bool = False,
-    ) -> str:
-        """Load a LoRA (.safetensors file, folder or hub id; diffusers/PEFT or kohya/A1111 format) and make
-        it the active adapter. Returns its adapter name."""
-        with self._on_stream():
-            return self.lora.load(
-                pretrained_model_name_or_path, weight_name, adapter_name, local_files_only=local_files_only
-            )
-
-    def set_adapters(
-        self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None
-    ) -> None:
-        """Activate these adapters with these weights (1.0 each by default); the others are switched off."""
-        with self._on_stream():
-            self.lora.set_adapters(adapter_names, adapter_weights)
-
-    def delete_adapters(self, adapter_names: str | list[str]) -> None:
-        with self._on_stream():
-            self.lora.delete_adapters(adapter_names)
-
-    def unload_lora_weights(self) -> None:
-        """Remove every adapter: the weights are the model's own again."""
-        if self._lora is not None:
-            with self._on_stream():
-                self._lora.unload()
-
-    def get_active_adapters(self) -> list[str]:
-        return self._lora.get_active_adapters() if self._lora is not None else []
+        What a new size costs its first call is set-up made for that size alone and kept for the process:
+        compiled code for a shape class it has not met, the step's CUDA graph (per size and step count), and
+        cuDNN's plans per convolution and attention shape, 0.3-0.9 s for SD 1.5 at 768² on an H200 (README,
+        "SD's new-size penalty"). cuDNN keeps its plans per thread: call this from the thread that will
+        serve (the server's worker does, for `--warm-size`). Default: the model's default size and steps.
+        Returns the seconds each size took, by "WxH"."""
+        progress, self.progress = self.progress, False
+        spent: dict[str, float] = {}
+        try:
+            for width, height in sizes or [(self.family.default_size, self.family.default_size)]:
+                start = time.perf_counter()
+                self(
+                    "",
+                    height=height,
+                    width=width,
+                    num_inference_steps=num_inference_steps,
+                    seed=0,
+                    output_type="np",
+                )
+                spent[f"{width}x{height}"] = round(time.perf_counter() - start, 3)
+                logger.info("warmed up %dx%d in %.2f s", width, height, spent[f"{width}x{height}"])
+        finally:
+            self.progress = progress
+        return spent
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def _on_step(
