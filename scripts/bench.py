@@ -90,6 +90,7 @@ ALL_CONFIGS = (
     "static_graphs",
     "graphs_resnets",
     "graphs_background",
+    "graphs_conv1x1_mm",
     "graphs_nchw",
     "graphs_flash",
     "fp8_torchao",
@@ -100,6 +101,7 @@ OPT_IN_CONFIGS = (
     "static_graphs",
     "graphs_resnets",
     "graphs_background",
+    "graphs_conv1x1_mm",
     "graphs_nchw",
     "graphs_flash",
     "fp8_torchao",
@@ -111,6 +113,7 @@ NEW_SIZE_CONFIGS = (  # --new-size measured
     "adaptive_graphs",
     "graphs_resnets",
     "graphs_background",
+    "graphs_conv1x1_mm",
     "graphs_nchw",
     "graphs_flash",
 )

@@ -99,6 +99,13 @@ OURS = {
         True,
         (("compile_resnets", "background"),),
     ),
+    "graphs_conv1x1_mm": OursSpec(
+        "ours, 1x1 convolutions as GEMMs (Inductor's conv_1x1_as_mm) + graphs",
+        None,
+        True,
+        True,
+        (("inductor_options", {"conv_1x1_as_mm": True}),),
+    ),
     "graphs_nchw": OursSpec(
         "ours, NCHW UNet (channels_last off) + graphs", None, True, True, (("channels_last", False),)
     ),

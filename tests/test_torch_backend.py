@@ -41,6 +41,9 @@ def _images(pipe: Pipeline) -> np.ndarray:
         ({"autotune": "max"}, "must be true or false"),
         ({"channels_last": "nhwc"}, "must be true or false"),
         ({"compile_resnets": "later"}, "compile_resnets must be one of"),
+        ({"inductor_options": {"no_such_setting": 1}}, "has no setting 'no_such_setting'"),
+        ({"inductor_options": {"conv_1x1_as_mm": [1]}}, "must be a bool, number or string"),
+        ({"inductor_options": "conv_1x1_as_mm"}, "must be a dict"),
     ],
 )
 def test_options_are_validated(tiny_sd: Path, tmp_path: Path, options: dict, message: str) -> None:
@@ -69,6 +72,15 @@ def test_autotune_compiles_into_artifacts_of_their_own(tiny_sd: Path, tmp_path: 
     assert AUTOTUNE_OPTIONS.items() <= tuned.options.items()
     assert not AUTOTUNE_OPTIONS.keys() & plain.options.keys()
     assert tuned.tag == plain.tag + "-autotune"
+
+
+def test_inductor_options_reach_the_regions_keyed_apart(tiny_sd: Path, tmp_path: Path) -> None:
+    kwargs = {"backend": "torch", "device": "cpu", "cache_dir": tmp_path, "compile": True}
+    tuned = Pipeline.from_pretrained(tiny_sd, **kwargs, inductor_options={"conv_1x1_as_mm": True})
+    plain = Pipeline.from_pretrained(tiny_sd, **kwargs)
+    assert tuned.backend.compiler.options["conv_1x1_as_mm"] is True
+    assert "conv_1x1_as_mm" not in plain.backend.compiler.options
+    assert tuned.backend.tag.startswith(plain.backend.tag + "-ind") and tuned.backend.tag != plain.backend.tag
 
 
 def test_regions_keep_the_module_tree(tiny_flux: Path, tmp_path: Path) -> None:

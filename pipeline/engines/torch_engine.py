@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -113,6 +115,9 @@ class TorchBackend(Backend):
         self.tag = f"attn-{self.attention}" + (f"-fp8-{self.fp8_kernel}" if self.fp8_kernel else "")
         if self.options.autotune:
             self.tag += "-autotune"  # its artifacts hold other kernels: never mixed with the default ones
+        if self.options.inductor_options:  # the same for the user's own Inductor settings
+            settings = json.dumps(self.options.inductor_options, sort_keys=True)
+            self.tag += "-ind" + hashlib.sha256(settings.encode()).hexdigest()[:8]
         store, warmup = None, None
         if self.options.compile:  # the cache first: whether a compile is coming decides the warm-up
             configure_dynamo()
@@ -170,6 +175,7 @@ class TorchBackend(Backend):
         self, store: ArtifactStore, denoiser: torch.nn.Module, vae: torch.nn.Module | None
     ) -> None:
         inductor = dict(INDUCTOR_OPTIONS) | (AUTOTUNE_OPTIONS if self.options.autotune else {})
+        inductor |= self.options.inductor_options
         self.compiler = RegionCompiler(
             store, specialization=self.options.specialization, options=inductor, tag=self.tag
         )

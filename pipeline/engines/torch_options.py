@@ -6,7 +6,7 @@ Bad values raise InvalidInputError with one line that says what to pass instead.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ OPTIONS = (
     "compile_resnets",
     "autotune",
     "channels_last",
+    "inductor_options",
 )
 _PLUMBING = ("cache_dir", "model_cache")  # passed by the pipeline, not by users
 # Inductor options for the regions. Default mode: the large GEMMs go to cuBLAS either way; Inductor's own
@@ -97,6 +98,8 @@ class TorchOptions:
     compile_resnets: str | None = None  # one of RESNET_MODES; None: the family's choice on CUDA
     autotune: bool = False
     channels_last: bool | None = None  # None: the family's choice on CUDA, off elsewhere
+    # torch._inductor.config settings for the regions, over INDUCTOR_OPTIONS (artifacts keyed apart by them)
+    inductor_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, device: torch.device, options: dict[str, Any]) -> TorchOptions:
@@ -156,7 +159,28 @@ class TorchOptions:
             resnets,
             autotune,
             channels_last,
+            _inductor_options(options.get("inductor_options")),
         )
+
+
+def _inductor_options(value: Any) -> dict[str, Any]:
+    """`inductor_options` checked against torch._inductor.config: known names, plain values."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInputError(
+            f"inductor_options must be a dict of torch._inductor.config settings, got {value!r}"
+        )
+    import torch._inductor.config as inductor_config
+
+    for name, setting in value.items():
+        if not isinstance(name, str) or not hasattr(inductor_config, name):
+            raise InvalidInputError(f"inductor_options: torch._inductor.config has no setting {name!r}")
+        if not isinstance(setting, bool | int | float | str):
+            raise InvalidInputError(
+                f"inductor_options: {name} must be a bool, number or string, got {setting!r}"
+            )
+    return dict(value)
 
 
 def _flag(options: dict[str, Any], name: str, default: bool) -> bool:
