@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from ..cli import EXIT_USER_ERROR, _Parser, _setup_logging, add_engine_arguments, backend_options
 from ..errors import InvalidInputError, PipelineError
+from ..options import parse_size
 from .config import LoraSpec, ServeConfig
 
 logger = logging.getLogger("pipeline.serve")
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-images", type=int, default=d["keep_images"].default, help="url images kept")
     s.add_argument("--max-side", type=int, default=d["max_side"].default, help="largest width or height")
     s.add_argument("--max-steps", type=int, default=d["max_steps"].default)
+    s.add_argument(
+        "--warm-size",
+        action="append",
+        default=[],
+        metavar="WxH",
+        help="serve this size once before the first request (repeatable): its first request runs at full speed",
+    )
     r = p.add_argument_group("Ray Serve (pip install 'adaptive-diffusion[serve-ray]')")
     r.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment, one replica per GPU")
     r.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
@@ -90,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         keep_images=args.keep_images,
         max_side=args.max_side,
         max_steps=args.max_steps,
+        warm_sizes=tuple(parse_size(text) for text in args.warm_size),
     )
 
 

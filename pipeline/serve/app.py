@@ -3,7 +3,7 @@
     POST /v1/images/generations    -> {"created", "data": [{"url" | "b64_json", "seed"}], ...}
                                       with "stream": true, server-sent events: image_generation.progress
                                       ..., then image_generation.completed (the same body) or error
-    GET  /v1/models, /v1/models/{id}, /health
+    GET  /v1/models, /v1/models/{id}, /health (503 with "status": "warming" until --warm-size is served)
     GET  /v1/images/{id}.png       the PNG of a `url` response, with the CLI's metadata
     GET  /v1/progress/{request_id} server-sent events image_generation.progress until the request ends
     GET  /                         the web page
@@ -210,7 +210,9 @@ def create_app(service: ImageService) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return JSONResponse(service.health(), headers={"X-Replica": service.replica})
+        health = service.health()  # 503 while warming up (--warm-size): ready to take requests, not fast yet
+        code = 503 if health["status"] == "warming" else 200
+        return JSONResponse(health, status_code=code, headers={"X-Replica": service.replica})
 
     @app.get("/v1/images/{image_id}.png")
     async def image(image_id: str) -> Response:

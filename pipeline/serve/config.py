@@ -51,6 +51,9 @@ class ServeConfig:
     keep_images: int = 1000  # the oldest `url` images beyond this many are removed
     max_side: int = 2048  # pixels per side a request may ask for
     max_steps: int = 200
+    # (width, height) served once by the worker before the first request (Pipeline.warm_up): their first
+    # requests then run at full speed; /health says "warming" (503) until it is done
+    warm_sizes: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_batch", "keep_images", "max_side", "max_steps"):
@@ -58,6 +61,11 @@ class ServeConfig:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.timeout <= 0 or self.batch_wait < 0:
             raise InvalidInputError("--timeout must be positive and --batch-wait not negative")
+        for width, height in self.warm_sizes:
+            if not 0 < width <= self.max_side or not 0 < height <= self.max_side:
+                raise InvalidInputError(
+                    f"--warm-size {width}x{height}: each side must be between 1 and --max-side {self.max_side}"
+                )
         names = [lora.name for lora in self.loras]
         if len(set(names)) != len(names):
             raise InvalidInputError(f"--lora names must be unique, got {', '.join(names)}")

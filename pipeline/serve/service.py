@@ -78,6 +78,7 @@ class ImageService:
             batch_wait=config.batch_wait,
             scheduler=self.scheduler,
             lora_names=tuple(self.loras),
+            warm_sizes=config.warm_sizes,
         )
 
     @classmethod
@@ -268,7 +269,9 @@ class ImageService:
         }
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_id, "replica": self.replica, **self.worker.stats()}
+        stats = self.worker.stats()
+        status = "warming" if stats["warming"] else "ok"
+        return {"status": status, "model": self.model_id, "replica": self.replica, **stats}
 
 
 def _describe_device(device: Any) -> str:

@@ -148,8 +148,12 @@ class Worker:
         batch_wait: float,
         scheduler: str | None,
         lora_names: tuple[str, ...] = (),
+        warm_sizes: tuple[tuple[int, int], ...] = (),
     ) -> None:
         self.pipe = pipe
+        self.warm_sizes = warm_sizes
+        self.warming = bool(warm_sizes)  # until the worker thread has served them (requests queue meanwhile)
+        self.warm_up_s: dict[str, float] = {}
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.batch_wait = batch_wait
@@ -224,6 +228,8 @@ class Worker:
                 "images": self.images,
                 "max_queue": self.max_queue,
                 "max_batch": self.max_batch,
+                "warming": self.warming,
+                "warm_up_s": dict(self.warm_up_s),
             }
 
     def stop(self, timeout: float = 30.0) -> bool:
@@ -242,6 +248,7 @@ class Worker:
     # ---- the worker thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
+            self._warm_up()
             while (batch := self._next_batch()) is not None:
                 self._run_batch(batch)
         finally:  # whatever ends the thread, no accepted job is left waiting
@@ -250,6 +257,18 @@ class Worker:
                 for job in self._pending + self._running:
                     self._end_locked(job, JobState.FAILED, ServiceStoppedError("the server's worker stopped"))
                 self._pending.clear()
+
+    def _warm_up(self) -> None:
+        """Serve `warm_sizes` once, in this thread (cuDNN keeps its plans per thread). A failure is a warning:
+        the server then serves those sizes as it would have without it."""
+        try:
+            if self.warm_sizes:
+                self.warm_up_s = self.pipe.warm_up(list(self.warm_sizes))
+        except Exception as e:
+            logger.warning("warm-up failed (%s: %s); serving without it", type(e).__name__, e)
+        finally:
+            with self._cond:
+                self.warming = False
 
     def _next_batch(self) -> list[Job] | None:
         with self._cond:

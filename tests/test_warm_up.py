@@ -1,0 +1,125 @@
+"""Warm-up: sizes served once before the first request (`Pipeline.warm_up`, the server's `--warm-size`).
+
+What it buys is measured on the GPU (README, "SD's new-size penalty"); here: it serves each size once and
+leaves no trace in later images, the server's worker runs it in its own thread before any request, /health
+says "warming" (503) until then, and bad sizes are refused up front."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import InvalidInputError
+from pipeline.pipeline import Pipeline
+from pipeline.serve.config import ServeConfig
+from pipeline.serve.launch import start_server
+from pipeline.serve.worker import Worker
+
+KW = {"num_inference_steps": 2, "output_type": "np"}
+
+
+def _image(pipe: Pipeline, height: int, width: int) -> np.ndarray:
+    return pipe("a cat", height=height, width=width, generator=torch.Generator().manual_seed(3), **KW).images
+
+
+def test_warm_up_serves_each_size_and_leaves_no_trace(tiny_sd: Path, tmp_path: Path) -> None:
+    kwargs = {"backend": "torch", "device": "cpu", "cache_dir": tmp_path}
+    cold = Pipeline.from_pretrained(tiny_sd, **kwargs)
+    expected = _image(cold, 48, 32)
+    warm = Pipeline.from_pretrained(tiny_sd, **kwargs)
+    spent = warm.warm_up([(32, 48), (32, 32)], num_inference_steps=2)
+    assert list(spent) == ["32x48", "32x32"] and all(s > 0 for s in spent.values())
+    assert warm.progress  # restored
+    np.testing.assert_array_equal(_image(warm, 48, 32), expected)
+    default = warm.family.default_size
+    assert list(warm.warm_up(num_inference_steps=1)) == [f"{default}x{default}"]
+    with pytest.raises(InvalidInputError):
+        warm.warm_up([(33, 32)])  # not a multiple of the model's granularity: the call's own check
+
+
+def test_the_worker_warms_up_in_its_thread_before_any_request(tiny_sd: Path, tmp_path: Path) -> None:
+    pipe = Pipeline.from_pretrained(tiny_sd, backend="torch", device="cpu", cache_dir=tmp_path)
+    pipe.progress = False
+    threads: list[str] = []
+    original = pipe.warm_up
+
+    def recorded(*args, **kwargs):
+        import threading
+
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    pipe.warm_up = recorded
+    worker = Worker(pipe, max_queue=4, max_batch=1, batch_wait=0.0, scheduler=None, warm_sizes=((32, 32),))
+    assert worker.stats()["warming"]
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while worker.stats()["warming"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = worker.stats()
+        assert not stats["warming"] and list(stats["warm_up_s"]) == ["32x32"]
+        assert threads == ["pipeline-worker"]
+    finally:
+        worker.stop()
+
+
+def test_a_server_with_warm_sizes_says_warming_then_ok(tiny_sd: Path, tmp_path: Path) -> None:
+    args = ["--model", str(tiny_sd), "--device", "cpu", "--backend", "torch", "--cache-dir", str(tmp_path)]
+    server = start_server(
+        [*args, "--warm-size", "32x32", "--warm-size", "48x32"], log_path=tmp_path / "s.log"
+    )
+    try:
+        health = server.health()
+        assert health["status"] == "ok" and not health["warming"]
+        assert set(health["warm_up_s"]) == {"32x32", "48x32"}
+    finally:
+        server.stop()
+
+
+def test_a_warming_server_answers_503(tiny_sd: Path, tmp_path: Path) -> None:
+    """Polled from the start: while the sizes are served /health is 503 with "warming", then 200."""
+    args = ["--model", str(tiny_sd), "--device", "cpu", "--backend", "torch", "--cache-dir", str(tmp_path)]
+    server = start_server([*args, "--warm-size", "256x256"], log_path=tmp_path / "s.log", wait=False)
+    codes: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and 200 not in codes:
+            try:
+                server.health()
+                codes.append(200)
+            except urllib.error.HTTPError as e:
+                codes.append(e.code)
+            except (urllib.error.URLError, ConnectionError):
+                pass  # not listening yet
+            time.sleep(0.02)
+        assert codes[-1] == 200 and 503 in codes
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--warm-size", "512"], "must be WIDTHxHEIGHT"), (["--warm-size", "4096x512"], "--max-side")],
+)
+def test_bad_warm_sizes_exit_2_with_one_line(tiny_sd: Path, flags: list[str], message: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline.serve", "--model", str(tiny_sd), "--device", "cpu", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and message in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_serve_config_checks_warm_sizes() -> None:
+    with pytest.raises(InvalidInputError, match="--max-side"):
+        ServeConfig(model="m", warm_sizes=((0, 512),))
