@@ -221,7 +221,12 @@ def test_progress_endpoint_follows_a_request_by_its_id(servers: dict[str, Server
             await asyncio.sleep(0.2)
             r = await client.post(
                 f"{server.url}/v1/images/generations",
-                json={"prompt": "a fox", "size": "32x32", "steps": 6, "request_id": "fox-1"},
+                json={
+                    "prompt": "a fox",
+                    "size": "32x32",
+                    "steps": 60,
+                    "request_id": "fox-1",
+                },  # long enough to be seen running
             )
             await asyncio.wait_for(watcher, 10)
             return progress, r.status_code
