@@ -350,8 +350,9 @@ class Pipeline(LoraMethods):
                     seed=0,
                     output_type="np",
                 )
-                spent[f"{width}x{height}"] = round(time.perf_counter() - start, 3)
-                logger.info("warmed up %dx%d in %.2f s", width, height, spent[f"{width}x{height}"])
+                size = f"{width}x{height}"
+                spent[size] = round(time.perf_counter() - start, 3)
+                logger.info("warmed up %s in %.2f s", size, spent[size])
         finally:
             self.progress = progress
         return spent

@@ -107,7 +107,10 @@ def test_a_warming_server_answers_503(tiny_sd: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--warm-size", "512"], "must be WIDTHxHEIGHT"), (["--warm-size", "4096x512"], "--max-side")],
+    [
+        (["--warm-size", "512"], "must be WIDTHxHEIGHT"),
+        (["--warm-size", "4096x512"], "--max-side"),
+    ],
 )
 def test_bad_warm_sizes_exit_2_with_one_line(tiny_sd: Path, flags: list[str], message: str) -> None:
     run = subprocess.run(
@@ -118,6 +121,31 @@ def test_bad_warm_sizes_exit_2_with_one_line(tiny_sd: Path, flags: list[str], me
     )
     assert run.returncode == 2 and message in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_warm_size_the_model_cannot_serve_stops_the_server_at_start(tiny_sd: Path) -> None:
+    """Checked like a request of that size, once the model (its granularity) is known: exit 2, the error last."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.serve",
+            "--model",
+            str(tiny_sd),
+            "--device",
+            "cpu",
+            "--warm-size",
+            "36x32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert (
+        run.stderr.strip().splitlines()[-1]
+        == "error: width 36 is not a positive multiple of 8 (sd needs multiples of 8)"
+    )
 
 
 def test_serve_config_checks_warm_sizes() -> None:

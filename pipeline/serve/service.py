@@ -71,6 +71,8 @@ class ImageService:
         self.loras = {lora.name: lora.scale for lora in config.loras}
         image_dir = config.image_dir or cache_root(config.cache_dir) / "serve-images"
         self.store = ImageStore(Path(image_dir), config.keep_images)
+        for width, height in config.warm_sizes:  # refused at start, as a request of that size would be
+            check_request(self.family, height, width, self.family.default_steps, 1, "np")
         self.worker = Worker(
             pipe,
             max_queue=config.max_queue,
