@@ -100,7 +100,7 @@ OURS = {
         (("compile_resnets", "background"),),
     ),
     "graphs_conv1x1_mm": OursSpec(
-        "ours, 1x1 convolutions as GEMMs (Inductor's conv_1x1_as_mm) + graphs",
+        "ours, 1x1 convolutions as GEMMs (conv_1x1_as_mm, SD's default) + graphs",
         None,
         True,
         True,

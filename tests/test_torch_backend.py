@@ -324,3 +324,21 @@ def test_background_resnets_swap_in_and_persist(
         np.testing.assert_allclose(_images(again), eager, atol=1e-4)
         stats = again.backend.stats.regions
         assert stats.loaded >= landed and not stats.compiled and not again.backend.background_busy
+
+
+def test_families_set_inductor_defaults_on_cuda_only_and_the_user_wins() -> None:
+    """SD 1.x/2.x lowers 1x1 convolutions to GEMMs on CUDA by measurement (fewer cuDNN plans at a new size);
+    SDXL, FLUX and every CPU run keep Inductor's defaults, and the user's inductor_options override by name."""
+    from pipeline.engines.torch_options import inductor_options_for
+    from pipeline.families.flux import FluxFamily
+    from pipeline.families.sd import StableDiffusionFamily
+    from pipeline.families.sdxl import StableDiffusionXLFamily
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    sd = StableDiffusionFamily.inductor_options_on_cuda
+    assert inductor_options_for(sd, cuda, {}) == {"conv_1x1_as_mm": True}
+    assert inductor_options_for(sd, cpu, {}) == {}
+    assert inductor_options_for(sd, cuda, {"conv_1x1_as_mm": False}) == {"conv_1x1_as_mm": False}
+    for family in (StableDiffusionXLFamily, FluxFamily):
+        assert inductor_options_for(family.inductor_options_on_cuda, cuda, {}) == {}
+    assert inductor_options_for({}, cuda, {"max_fusion_size": 8}) == {"max_fusion_size": 8}

@@ -49,6 +49,7 @@ from .torch_options import (
     VAE_CHANNELS_LAST,
     TorchOptions,
     choose_attention,
+    inductor_options_for,
 )
 
 if TYPE_CHECKING:
@@ -115,8 +116,11 @@ class TorchBackend(Backend):
         self.tag = f"attn-{self.attention}" + (f"-fp8-{self.fp8_kernel}" if self.fp8_kernel else "")
         if self.options.autotune:
             self.tag += "-autotune"  # its artifacts hold other kernels: never mixed with the default ones
-        if self.options.inductor_options:  # the same for the user's own Inductor settings
-            settings = json.dumps(self.options.inductor_options, sort_keys=True)
+        self.inductor_options = inductor_options_for(
+            family.inductor_options_on_cuda, device, self.options.inductor_options
+        )
+        if self.inductor_options:  # the same for Inductor settings other than the defaults
+            settings = json.dumps(self.inductor_options, sort_keys=True)
             self.tag += "-ind" + hashlib.sha256(settings.encode()).hexdigest()[:8]
         store, warmup = None, None
         if self.options.compile:  # the cache first: whether a compile is coming decides the warm-up
@@ -175,7 +179,7 @@ class TorchBackend(Backend):
         self, store: ArtifactStore, denoiser: torch.nn.Module, vae: torch.nn.Module | None
     ) -> None:
         inductor = dict(INDUCTOR_OPTIONS) | (AUTOTUNE_OPTIONS if self.options.autotune else {})
-        inductor |= self.options.inductor_options
+        inductor |= self.inductor_options
         self.compiler = RegionCompiler(
             store, specialization=self.options.specialization, options=inductor, tag=self.tag
         )

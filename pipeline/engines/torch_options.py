@@ -6,6 +6,7 @@ Bad values raise InvalidInputError with one line that says what to pass instead.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,20 @@ RESNET_MODES = ("off", "on", "background")
 # scripts/bench.py and scripts/profile_step.py, 2026-12-02): SD 1.5 512², 50 steps, NCHW spent 0.17 s of a
 # 0.64 s call in 5,151 cuDNN layout conversions; channels-last ran 0.52 s steady against 0.61 s. SDXL 1024²,
 # 30 steps, whose time is mostly attention and GEMMs, ran 1.36 s channels-last against 1.32 s NCHW.
+
+# Inductor's conv_1x1_as_mm (1x1 convolutions lowered to GEMMs, so cuDNN builds no plan for them): the
+# default of SD 1.x/2.x on CUDA (`inductor_options_on_cuda`). H200, torch 2.11, 2026-12-04, scripts/bench.py,
+# SD 1.5 512² then 768², each configuration alone in a process, two runs in opposite orders: the first 768² call
+# 1.660 / 1.583 s against 1.904 / 1.822 s, steady 0.449 / 0.442 s against 0.455 / 0.453 s, the first call
+# 25.4 / 17.3 s against 18.5 / 17.1 s (the 25.4 s: the first process on a fresh machine). SDXL 1024² then 896²
+# (one run) lost with it: steady 1.232 s against 1.213 s, the first 896² call 1.551 s against 1.398 s.
+
+
+def inductor_options_for(
+    family_defaults: Mapping[str, Any], device: torch.device, user: dict[str, Any]
+) -> dict[str, Any]:
+    """The regions' Inductor settings: the family's CUDA defaults (on CUDA only), then the user's over them."""
+    return (dict(family_defaults) if device.type == "cuda" else {}) | user
 
 
 def choose_attention(device: torch.device, choice: str) -> str:

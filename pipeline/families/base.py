@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -214,6 +215,9 @@ class Family(ABC):
     channels_last_on_cuda: ClassVar[bool] = False
     # the torch backend's `compile_resnets` on CUDA when unset: "off", "on" or "background" (torch_options.py)
     compile_resnets_on_cuda: ClassVar[str] = "off"
+    # torch on CUDA: torch._inductor.config settings for the regions unless the user's `inductor_options` say
+    # otherwise (theirs win name by name); set per family by measurement (torch_options.py)
+    inductor_options_on_cuda: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source

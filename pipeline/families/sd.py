@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -51,6 +52,8 @@ class StableDiffusionFamily(Family):
     fp8_modules = ("*attentions.*",)  # the transformer blocks' projections and feed-forwards
     channels_last_on_cuda = True  # SD 1.5 512², H200: 0.52 s steady vs 0.61 s NCHW (torch_options.py)
     compile_resnets_on_cuda = "background"  # 0.45 s once they land, never in a request (torch_options.py)
+    # 1x1 convolutions as GEMMs: fewer cuDNN plans to build at a new size (torch_options.py)
+    inductor_options_on_cuda = MappingProxyType({"conv_1x1_as_mm": True})
 
     @property
     def granularity(self) -> int:

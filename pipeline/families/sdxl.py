@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -89,6 +90,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     schedule_begin_index = True
     channels_last_on_cuda = False  # SDXL 1024², H200: NCHW 1.32 s steady, channels-last 1.36 s
     compile_resnets_on_cuda = "off"
+    inductor_options_on_cuda = MappingProxyType({})  # SD's conv_1x1_as_mm lost here (torch_options.py)
 
     @property
     def default_guidance(self) -> float:
