@@ -1,9 +1,4 @@
-"""The HTTP server, as a client sees it: real `python -m pipeline.serve` processes on loopback, tiny-sd on CPU.
-
-Two servers start once per module (in parallel): `main` (batches of up to 4) and `small` (one request running,
-one waiting, an 8 s timeout) for the queue-full, disconnect and timeout cases. A "long" request (200 steps,
-~25 s here) only ever holds a slot: each test ends it by disconnecting.
-"""
+"""The server as a client sees it (tiny-sd on CPU, batches of 4): images, progress, batching, 400s, CLI."""
 
 from __future__ import annotations
 
@@ -14,7 +9,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +21,12 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
+from serve_client import FAST, disconnect, health_is, hold_slot, post, tiny_sd_server, until  # noqa: E402
 
 from pipeline.errors import InvalidInputError  # noqa: E402
 from pipeline.serve.config import LoraSpec  # noqa: E402
-from pipeline.serve.launch import ServerProcess, start_server  # noqa: E402
+from pipeline.serve.launch import ServerProcess  # noqa: E402
 
-FAST = {"size": "32x32", "steps": 2}
-# holds a slot far longer than any test waits: ~20 s on an idle 2-core CPU (10 ms a step), more when loaded
-LONG = {"size": "64x64", "steps": 2000}
 CLI_KEYS = {
     "prompt",
     "negative_prompt",
@@ -48,36 +41,11 @@ CLI_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+def server(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("serve")
-    common = ["--model", str(tiny_sd), "--device", "cpu", "--backend", "torch", "--cache-dir", str(root)]
-    common += ["--max-steps", "2000"]  # LONG's steps
-    configs = {
-        "main": ["--max-batch", "4", "--max-queue", "16", "--image-dir", str(root / "images")],
-        "small": [
-            "--max-batch",
-            "1",
-            "--max-queue",
-            "1",
-            "--timeout",
-            "8",
-            "--image-dir",
-            str(root / "img2"),
-        ],
-    }
-    started = {
-        name: start_server(common + extra, log_path=root / f"{name}.log", wait=False)
-        for name, extra in configs.items()
-    }
-    try:
-        yield {name: server.wait_ready(300) for name, server in started.items()}
-    finally:
-        for server in started.values():
-            server.stop()
-
-
-def post(server: ServerProcess, body: Any, **kwargs: Any) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120, **kwargs)
+    extra = ["--max-batch", "4", "--max-queue", "16", "--image-dir", str(root / "images")]
+    with tiny_sd_server(tiny_sd, root, extra) as started:
+        yield started
 
 
 def png_of(item: dict[str, Any]) -> Image.Image:
@@ -88,46 +56,12 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> float:
-    """Seconds until `check()` holds; fails the test past `timeout`."""
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
-
-
-def health_is(server: ServerProcess, **want: int) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        async with httpx.AsyncClient() as client:
-            h = (await client.get(f"{server.url}/health")).json()
-        return all(h[k] == v for k, v in want.items())
-
-    return check
-
-
-async def hold_slot(
-    server: ServerProcess, body: dict[str, Any]
-) -> tuple[httpx.AsyncClient, asyncio.Task[Any]]:
-    """A request on its own connection; cancel the task and close the client to disconnect it."""
-    client = httpx.AsyncClient(timeout=120)
-    task = asyncio.create_task(client.post(f"{server.url}/v1/images/generations", json=body))
-    return client, task
-
-
-async def disconnect(client: httpx.AsyncClient, task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    await client.aclose()
-
-
 # ---- generation ---------------------------------------------------------------------------------------
 def test_b64_json_gives_pngs_with_the_cli_metadata_one_seed_per_image(
-    servers: dict[str, ServerProcess],
+    server: ServerProcess,
 ) -> None:
     r = post(
-        servers["main"],
+        server,
         {
             "prompt": "a red fox",
             "n": 2,
@@ -155,8 +89,7 @@ def test_b64_json_gives_pngs_with_the_cli_metadata_one_seed_per_image(
     assert r.headers["X-Replica"] == body["replica"]
 
 
-def test_url_response_serves_the_png_and_nothing_outside_the_store(servers: dict[str, ServerProcess]) -> None:
-    server = servers["main"]
+def test_url_response_serves_the_png_and_nothing_outside_the_store(server: ServerProcess) -> None:
     r = post(server, {"prompt": "a cat", **FAST, "seed": 3})
     assert r.status_code == 200, r.text
     url = r.json()["data"][0]["url"]
@@ -170,8 +103,7 @@ def test_url_response_serves_the_png_and_nothing_outside_the_store(servers: dict
         assert miss.status_code == 404 and "error" in miss.json()
 
 
-def test_models_and_health(servers: dict[str, ServerProcess]) -> None:
-    server = servers["main"]
+def test_models_and_health(server: ServerProcess) -> None:
     models = httpx.get(f"{server.url}/v1/models").json()
     assert models["object"] == "list" and len(models["data"]) == 1
     card = models["data"][0]
@@ -181,10 +113,10 @@ def test_models_and_health(servers: dict[str, ServerProcess]) -> None:
     assert h["status"] == "ok" and h["max_batch"] == 4
 
 
-def test_stream_sends_progress_then_the_image(servers: dict[str, ServerProcess]) -> None:
+def test_stream_sends_progress_then_the_image(server: ServerProcess) -> None:
     # enough steps that progress is seen running more than once, even on a fast machine
     body = {"prompt": "a cat", "size": "32x32", "steps": 60, "stream": True, "response_format": "b64_json"}
-    with httpx.stream("POST", f"{servers['main'].url}/v1/images/generations", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{server.url}/v1/images/generations", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [
             (
@@ -204,9 +136,7 @@ def test_stream_sends_progress_then_the_image(servers: dict[str, ServerProcess])
     assert png_of(events[-1][1]["data"][0]).size == (32, 32)
 
 
-def test_progress_endpoint_follows_a_request_by_its_id(servers: dict[str, ServerProcess]) -> None:
-    server = servers["main"]
-
+def test_progress_endpoint_follows_a_request_by_its_id(server: ServerProcess) -> None:
     async def scenario() -> tuple[list[dict[str, Any]], int]:
         async with httpx.AsyncClient(timeout=60) as client:
             progress: list[dict[str, Any]] = []
@@ -239,9 +169,8 @@ def test_progress_endpoint_follows_a_request_by_its_id(servers: dict[str, Server
 
 # ---- batching -----------------------------------------------------------------------------------------
 def test_same_shape_requests_share_one_pipeline_call_and_match_solo_images(
-    servers: dict[str, ServerProcess],
+    server: ServerProcess,
 ) -> None:
-    server = servers["main"]
     shape = {"size": "32x32", "steps": 3, "response_format": "b64_json"}
     requests = [{"prompt": p, "seed": s, **shape} for p, s in (("a cat", 11), ("a dog", 12), ("a fox", 13))]
     other = {"prompt": "a cat", "seed": 11, "size": "48x32", "steps": 3, "response_format": "b64_json"}
@@ -303,8 +232,7 @@ BAD = [
 ]
 
 
-def test_bad_requests_are_400_with_an_openai_error_before_any_work(servers: dict[str, ServerProcess]) -> None:
-    server = servers["main"]
+def test_bad_requests_are_400_with_an_openai_error_before_any_work(server: ServerProcess) -> None:
     before = httpx.get(f"{server.url}/health").json()["batches"]
     for body, param in BAD:
         r = post(server, body)
@@ -321,80 +249,6 @@ def test_bad_requests_are_400_with_an_openai_error_before_any_work(servers: dict
         r = httpx.post(f"{server.url}/v1/images/generations", content=raw, headers=headers)
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
     assert httpx.get(f"{server.url}/health").json()["batches"] == before  # nothing reached the pipeline
-
-
-# ---- queue, disconnect, timeout -----------------------------------------------------------------------
-def test_full_queue_is_429_with_retry_after(servers: dict[str, ServerProcess]) -> None:
-    server = servers["small"]  # one running, one waiting
-
-    async def scenario() -> httpx.Response:
-        running = await hold_slot(server, {"prompt": "a", **LONG})
-        await until(health_is(server, running=1))
-        waiting = await hold_slot(server, {"prompt": "b", **LONG})
-        await until(health_is(server, queued=1))
-        try:
-            async with httpx.AsyncClient() as client:
-                return await client.post(f"{server.url}/v1/images/generations", json={"prompt": "c", **FAST})
-        finally:
-            await disconnect(*waiting)
-            await disconnect(*running)
-            await until(health_is(server, running=0, queued=0))
-
-    r = asyncio.run(scenario())
-    assert r.status_code == 429
-    assert int(r.headers["Retry-After"]) >= 1
-    assert r.json()["error"]["code"] == "queue_full"
-
-
-def test_a_client_that_disconnects_frees_its_slot(servers: dict[str, ServerProcess]) -> None:
-    server = servers["small"]
-
-    async def scenario() -> tuple[float, float, httpx.Response]:
-        running = await hold_slot(server, {"prompt": "a", **LONG})
-        await until(health_is(server, running=1))
-        waiting = await hold_slot(server, {"prompt": "b", **LONG})
-        await until(health_is(server, queued=1))
-        await disconnect(*waiting)  # a queued request leaves the queue
-        queue_freed = await until(health_is(server, queued=0), timeout=3)
-        third = await hold_slot(server, {"prompt": "c", **FAST})  # accepted again: no 429
-        await until(health_is(server, queued=1), timeout=3)
-        await disconnect(*running)  # the running batch is abandoned at its next step
-        abandoned = await until(health_is(server, running=0, queued=0), timeout=10)
-        third_response = await third[1]
-        await third[0].aclose()
-        return queue_freed, abandoned, third_response
-
-    queue_freed, abandoned, third = asyncio.run(scenario())
-    assert queue_freed < 1.0 and abandoned < 5.0  # the LONG request would have taken ~20 s more
-    assert third.status_code == 200
-
-
-def test_a_request_past_the_timeout_gets_504_and_frees_the_worker(servers: dict[str, ServerProcess]) -> None:
-    server = servers["small"]  # --timeout 8
-    start = time.monotonic()
-    r = post(server, {"prompt": "slow", **LONG})
-    took = time.monotonic() - start
-    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-    assert 7.5 < took < 12
-    asyncio.run(until(health_is(server, running=0, queued=0), timeout=5))
-
-
-def test_duplicate_request_id_is_400(servers: dict[str, ServerProcess]) -> None:
-    server = servers["small"]
-
-    async def scenario() -> httpx.Response:
-        first = await hold_slot(server, {"prompt": "a", **LONG, "request_id": "same"})
-        await until(health_is(server, running=1))
-        try:
-            async with httpx.AsyncClient() as client:
-                body = {"prompt": "b", **FAST, "request_id": "same"}
-                return await client.post(f"{server.url}/v1/images/generations", json=body)
-        finally:
-            await disconnect(*first)
-            await until(health_is(server, running=0))
-
-    r = asyncio.run(scenario())
-    assert r.status_code == 400 and r.json()["error"]["param"] == "request_id"
 
 
 # ---- the command line ---------------------------------------------------------------------------------
@@ -419,9 +273,7 @@ def test_lora_arguments_name_path_and_scale() -> None:
             LoraSpec.parse(bad)
 
 
-def test_load_script_reports_throughput_and_latency(
-    servers: dict[str, ServerProcess], tmp_path: Path
-) -> None:
+def test_load_script_reports_throughput_and_latency(server: ServerProcess, tmp_path: Path) -> None:
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "load_test.py"
@@ -432,7 +284,7 @@ def test_load_script_reports_throughput_and_latency(
     out = tmp_path / "load.json"
     argv = [
         "--url",
-        servers["main"].url,
+        server.url,
         "--clients",
         "3",
         "--requests",
@@ -447,24 +299,3 @@ def test_load_script_reports_throughput_and_latency(
     assert run["ok"] == run["images"] == 6 and run["max_batch"] == 4
     assert run["images_per_s"] > 0 and 0 < run["latency_p50_s"] <= run["latency_p99_s"]
     assert 1 <= run["mean_batch"] <= 3 and run["warm_up"]["batch_sizes_seen"] == [1, 2, 3, 4]
-
-
-def test_stopping_the_server_ends_every_accepted_request(servers: dict[str, ServerProcess]) -> None:
-    server = servers["small"]  # the last test on it: it stops it
-
-    async def scenario() -> tuple[list[Any], int, float]:
-        running = await hold_slot(server, {"prompt": "a", **LONG})
-        await until(health_is(server, running=1))
-        waiting = await hold_slot(server, {"prompt": "b", **LONG})
-        await until(health_is(server, queued=1))
-        start = time.monotonic()
-        code = await asyncio.to_thread(server.stop, 60)
-        answers = await asyncio.gather(running[1], waiting[1], return_exceptions=True)
-        for client, _ in (running, waiting):
-            await client.aclose()
-        return answers, code, time.monotonic() - start
-
-    answers, code, seconds = asyncio.run(scenario())
-    assert code == 0 and seconds < 20
-    for answer in answers:  # an error answer or a closed connection, never a request left hanging
-        assert isinstance(answer, httpx.TransportError) or answer.status_code >= 500, answer
