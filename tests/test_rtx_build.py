@@ -21,7 +21,9 @@ import pytest
 from conftest import tiny_range
 
 from pipeline.cache import file_lock, save_blob
-from pipeline.engines.rtx import ProfileGuard, RuntimeCache, invalidity_reasons, trt
+from pipeline.engines.profile_guard import ProfileGuard
+from pipeline.engines.rtx import invalidity_reasons, trt
+from pipeline.engines.rtx_cache import RuntimeCache
 from pipeline.errors import InvalidInputError, OutOfProfileError
 from pipeline.export.engine_args import build_engines_from_args, engine_dir_name
 from pipeline.export.engines import (

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from pipeline.engines.memory import SharedDeviceMemory
-from pipeline.engines.rtx import EngineUnusableError, RtxEngine, RuntimeCache, StaleEngineError, rtx_supported
+from pipeline.engines.rtx import EngineUnusableError, StaleEngineError, rtx_supported
+from pipeline.engines.rtx_cache import RuntimeCache
+from pipeline.engines.rtx_engine import RtxEngine
 from pipeline.errors import OutOfProfileError
 from pipeline.families import Family
 

@@ -35,7 +35,9 @@ from ..families import Family, ShapeRange
 from ..options import dtype_name
 from .base import Backend, Precision, Specialization, parse_precision
 from .memory import GB, MemoryPlan, Residency, SharedDeviceMemory
-from .rtx import RtxEngine, RuntimeCache, StaleEngineError, trt
+from .rtx import StaleEngineError, trt
+from .rtx_cache import RuntimeCache
+from .rtx_engine import RtxEngine
 
 logger = logging.getLogger(__name__)
 
