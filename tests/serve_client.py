@@ -15,6 +15,9 @@ import pytest
 from pipeline.serve.launch import ServerProcess, start_server
 
 FAST = {"size": "32x32", "steps": 2}
+# holds a slot far longer than any test waits: ~20 s on an idle 2-core CPU (10 ms a step), more when loaded;
+# each test ends it by disconnecting
+LONG = {"size": "64x64", "steps": 2000}
 
 
 @contextmanager
@@ -22,7 +25,7 @@ def tiny_sd_server(tiny_sd: Path, root: Path, extra: list[str]) -> Iterator[Serv
     """tiny-sd on the CPU (torch backend, its cache and log in `root`) with `extra` arguments; stopped on
     exit, also when it never gets ready."""
     args = ["--model", str(tiny_sd), "--device", "cpu", "--backend", "torch", "--cache-dir", str(root)]
-    args += ["--max-steps", "2000"]  # test_serve_queue's LONG steps
+    args += ["--max-steps", str(LONG["steps"])]
     server = start_server(args + extra, log_path=root / "server.log", wait=False)
     try:
         yield server.wait_ready(300)

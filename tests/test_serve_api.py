@@ -21,7 +21,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from PIL import Image  # noqa: E402
-from serve_client import FAST, disconnect, health_is, hold_slot, post, tiny_sd_server, until  # noqa: E402
+from serve_client import FAST, LONG, disconnect, health_is, hold_slot, post, tiny_sd_server, until  # noqa: E402
 
 from pipeline.errors import InvalidInputError  # noqa: E402
 from pipeline.serve.config import LoraSpec  # noqa: E402
@@ -177,7 +177,8 @@ def test_same_shape_requests_share_one_pipeline_call_and_match_solo_images(
 
     async def scenario() -> tuple[list[httpx.Response], httpx.Response, int]:
         before = httpx.get(f"{server.url}/health").json()["batches"]
-        blocker = await hold_slot(server, {"prompt": "blocker", "size": "64x64", "steps": 25})
+        # long enough that it is still running when all four have queued, however loaded the machine
+        blocker = await hold_slot(server, {"prompt": "blocker", **LONG})
         await until(health_is(server, running=1))  # the worker is busy: the next requests queue up
         async with httpx.AsyncClient(timeout=120) as client:
             url = f"{server.url}/v1/images/generations"

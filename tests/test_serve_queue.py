@@ -14,13 +14,9 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_client import FAST, disconnect, health_is, hold_slot, post, tiny_sd_server, until  # noqa: E402
+from serve_client import FAST, LONG, disconnect, health_is, hold_slot, post, tiny_sd_server, until  # noqa: E402
 
 from pipeline.serve.launch import ServerProcess  # noqa: E402
-
-# holds a slot far longer than any test waits: ~20 s on an idle 2-core CPU (10 ms a step), more when loaded;
-# each test ends it by disconnecting
-LONG = {"size": "64x64", "steps": 2000}
 
 
 @pytest.fixture(scope="module")
