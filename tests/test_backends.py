@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,36 @@ def test_rtx_refused_clearly_where_it_cannot_run() -> None:
         choose_backend("rtx", torch.device("cpu"))
     with pytest.raises(InvalidInputError, match="unknown backend"):
         choose_backend("tensorrt", torch.device("cpu"))
+
+
+def test_the_torch_backend_runs_where_tensorrt_rtx_is_not_installed(tiny_sd: Path, tmp_path: Path) -> None:
+    """The GPU machines without TensorRT-RTX (Hopper, datacenter) import every rtx module and load torch: a
+    name that exists only when the library imports (TrtLogger) must not be imported at module level."""
+    code = (
+        "import sys; sys.modules['tensorrt_rtx'] = None\n"
+        "import pipeline.engines.rtx_backend, pipeline.engines.rtx_engine, pipeline.engines.rtx_refit\n"
+        "from pipeline import BackendUnavailableError, Pipeline\n"
+        f"pipe = Pipeline.from_pretrained({str(tiny_sd)!r}, backend='auto', device='cpu', cache_dir={str(tmp_path)!r})\n"
+        "assert pipe.backend.name == 'torch', pipe.backend.name\n"
+        "try:\n"
+        f"    Pipeline.from_pretrained({str(tiny_sd)!r}, backend='rtx', device='cpu', cache_dir={str(tmp_path)!r})\n"
+        "except BackendUnavailableError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout
+    # building engines there: one line and exit 2 before minutes of ONNX export, not a traceback after them
+    build = (
+        "import runpy, sys; sys.modules['tensorrt_rtx'] = None\n"
+        f"sys.argv = ['pipeline', '--build-engines', '--model', {str(tiny_sd)!r}, '--targets', 'sm89',"
+        f" '--cache-dir', {str(tmp_path)!r}]\n"
+        "runpy.run_module('pipeline', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "needs TensorRT-RTX" in done.stderr and "Traceback" not in done.stderr
+    assert not list(tmp_path.rglob("*.onnx"))
 
 
 def test_first_use_engine_range_covers_the_default_size(tiny_flux: Path, tiny_sd: Path) -> None:

@@ -72,6 +72,12 @@ if trt is not None:
         def last_error(self) -> str:
             return self.errors[-1] if self.errors else "no error message from TensorRT-RTX"
 
+else:  # importable everywhere (the torch backend's machines import every rtx module); usable nowhere
+
+    class TrtLogger:  # type: ignore[no-redef]
+        def __init__(self) -> None:
+            raise RuntimeError(f"tensorrt_rtx is not importable ({_IMPORT_ERROR})")
+
 
 # ---- can it run here ----------------------------------------------------------------------------------------
 def rtx_supported(device: torch.device | str | None = None) -> tuple[bool, str]:
