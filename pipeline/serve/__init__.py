@@ -6,6 +6,8 @@ One model per process. The rooms:
     schemas.py   the request and response bodies (OpenAI Images API, plus our extras) and error bodies
     service.py   ImageService: loads the pipeline, turns a request into a Job (validated, before any GPU work),
                  turns finished images into PNGs
+    jobs.py      Job, BatchKey, JobState, BatchResult, and the errors that end a job (queue full, timeout,
+                 server stopping)
     worker.py    the bounded queue, same-shape batching into one pipeline call, timeouts, cancellation,
                  progress
     store.py     the PNG files behind `url` responses (atomic writes, bounded)

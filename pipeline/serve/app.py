@@ -30,9 +30,9 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InvalidInputError, PipelineError
+from .jobs import BatchResult, Job, JobTimeoutError, QueueFullError, ServiceStoppedError
 from .schemas import ImageRequest, error_body
 from .service import ImageService, RequestError
-from .worker import BatchResult, Job, JobTimeoutError, QueueFullError, ServiceStoppedError
 
 logger = logging.getLogger("pipeline.serve")
 

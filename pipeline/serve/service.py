@@ -24,9 +24,10 @@ from ..errors import InvalidInputError
 from ..images import a1111_parameters, encode_image
 from ..requests import check_request
 from .config import ServeConfig
+from .jobs import BatchKey, BatchResult, Job
 from .schemas import MAX_N, MAX_SEED, ImageRequest
 from .store import ImageStore
-from .worker import BatchKey, BatchResult, Job, Worker
+from .worker import Worker
 
 logger = logging.getLogger("pipeline.serve")
 

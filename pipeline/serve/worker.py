@@ -1,10 +1,11 @@
 """One worker thread per model: a bounded queue, same-shape batching into one pipeline call, timeouts.
 
-Requests arrive as `Job`s (already validated). The worker takes the oldest waiting job and every other waiting
-job with the same `BatchKey` (size, steps, guidance, scheduler, LoRA), up to `max_batch` images, and makes ONE
-pipeline call for all of them: a list of prompts, a list of negative prompts and one `torch.Generator` per
-image, as diffusers takes them. Image i of a request with seed s is drawn from `Generator().manual_seed(s + i)`,
-so it is the image a request of its own with seed s + i gets.
+Requests arrive as `Job`s (already validated; `jobs.py` defines them and the errors that end them). The
+worker takes the oldest waiting job and every other waiting job with the same `BatchKey` (size, steps,
+guidance, scheduler, LoRA), up to `max_batch` images, and makes ONE pipeline call for all of them: a list of
+prompts, a list of negative prompts and one `torch.Generator` per image, as diffusers takes them. Image i of a
+request with seed s is drawn from `Generator().manual_seed(s + i)`, so it is the image a request of its own
+with seed s + i gets.
 
 Every accepted job ends: with its images, or an error (timeout, cancelled, the pipeline's own error, the server
 stopping). A job whose client went away is removed from the queue; in a running batch its images are dropped,
@@ -18,92 +19,20 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import torch
 
 from ..errors import InvalidInputError, PipelineError
+from .jobs import BatchKey, BatchResult, Job, JobState, JobTimeoutError, QueueFullError, ServiceStoppedError
 
 logger = logging.getLogger("pipeline.serve")
 
 RECENT_JOBS = 1024  # finished jobs kept for /v1/progress
 
 
-class QueueFullError(Exception):
-    """The queue holds `max_queue` waiting requests: come back after `retry_after` seconds (HTTP 429)."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class JobTimeoutError(Exception):
-    """The request was not done within the server's --timeout (HTTP 504)."""
-
-
-class ServiceStoppedError(Exception):
-    """The server is stopping (or its worker died): the request was not run (HTTP 503)."""
-
-
 class _Abandoned(Exception):
     """Raised from the step callback when no job of the running batch wants its images any more."""
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    """What the jobs of one pipeline call must share."""
-
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    scheduler: str | None  # class name; None where the pipeline cannot switch schedulers
-    lora: tuple[tuple[str, float], ...] = ()  # (name, scale), sorted; () is no LoRA
-
-
-@dataclass
-class Job:
-    """One request: its prompt, one seed per image, and the future its images (or error) arrive on."""
-
-    request_id: str
-    prompt: str
-    negative_prompt: str | None
-    seeds: list[int]
-    key: BatchKey
-    deadline: float  # time.monotonic() by which it must be answered
-    future: Future[BatchResult] = field(default_factory=Future, repr=False)
-    state: JobState = JobState.QUEUED
-    batch_id: int | None = None
-
-    @property
-    def n(self) -> int:
-        return len(self.seeds)
-
-    @property
-    def finished(self) -> bool:
-        return self.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
-
-
-@dataclass
-class BatchResult:
-    """What a job gets back: its images (PIL) and the settings the pipeline call resolved."""
-
-    images: list[Any]
-    settings: dict[str, Any]
-    batch_id: int
-    batch_images: int  # images in the whole pipeline call
-    seconds: float
 
 
 class StepProgress:
