@@ -73,8 +73,10 @@ RESNET_MODES = ("off", "on", "background")
 # default of SD 1.x/2.x on CUDA (`inductor_options_on_cuda`). H200, torch 2.11, 2026-12-04, scripts/bench.py,
 # SD 1.5 512² then 768², each configuration alone in a process, two runs in opposite orders: the first 768² call
 # 1.660 / 1.583 s against 1.904 / 1.822 s, steady 0.449 / 0.442 s against 0.455 / 0.453 s, the first call
-# 25.4 / 17.3 s against 18.5 / 17.1 s (the 25.4 s: the first process on a fresh machine). SDXL 1024² then 896²
-# (one run) lost with it: steady 1.232 s against 1.213 s, the first 896² call 1.551 s against 1.398 s.
+# 25.4 / 17.3 s against 18.5 / 17.1 s (the 25.4 s: the first process on a fresh machine). A third run, after
+# other configurations in its process: 1.817 s for the first 768² call, so processes spread about as much as
+# it gains there; steady was better in every run. SDXL 1024² then 896² (one run) lost with it: steady 1.232 s
+# against 1.213 s, the first 896² call 1.551 s against 1.398 s.
 
 
 def inductor_options_for(
