@@ -38,7 +38,8 @@ from export_real import fewer_layers, peak_rss_gb
 
 from pipeline.engines.memory import GB, MemoryPlan
 from pipeline.export import export_model, read_manifest
-from pipeline.export.engines import build_engines, parse_targets
+from pipeline.export.engine_meta import parse_targets
+from pipeline.export.engines import build_engines
 from pipeline.export.fp8 import choose_method
 from pipeline.export.onnx_export import Fp8Export, library_versions
 from pipeline.families import ShapeRange, family_for

@@ -92,7 +92,8 @@ def tiny_fp8(
     """Each tiny denoiser as FP8 Q/DQ ONNX (Model Optimizer, calibrated on the CPU), built once for SM89 and
     SM120 with weight streaming."""
     from pipeline.export import export_model
-    from pipeline.export.engines import FP8_TARGETS, build_engines
+    from pipeline.export.engine_meta import FP8_TARGETS
+    from pipeline.export.engines import build_engines
     from pipeline.export.fp8 import Fp8Method
     from pipeline.export.onnx_export import Fp8Export
 

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.export import MANIFEST, export_model, export_stage, onnx_output_names, read_manifest
 from pipeline.export.cli import main
-from pipeline.export.engines import external_data_files
+from pipeline.export.engine_meta import external_data_files
 from pipeline.families import Family, family_for
 from pipeline.loading import ModelSource, read_model
 

@@ -16,7 +16,8 @@ from conftest import tiny_range
 
 from pipeline.errors import InvalidInputError
 from pipeline.export import export_model, read_manifest
-from pipeline.export.engines import build_engine, build_engines, onnx_weights
+from pipeline.export.engine_meta import onnx_weights
+from pipeline.export.engines import build_engine, build_engines
 from pipeline.export.fp8 import Fp8Method, choose_method, qdq_counts, selected_linears
 from pipeline.export.onnx_export import Fp8Export
 from pipeline.families import Family

@@ -26,14 +26,8 @@ from pipeline.engines.rtx import invalidity_reasons, trt
 from pipeline.engines.rtx_cache import RuntimeCache
 from pipeline.errors import InvalidInputError, OutOfProfileError
 from pipeline.export.engine_args import build_engines_from_args, engine_dir_name
-from pipeline.export.engines import (
-    DEFAULT_TARGETS,
-    EngineBuildError,
-    build_engine,
-    build_engines,
-    onnx_sha256,
-    parse_targets,
-)
+from pipeline.export.engine_meta import DEFAULT_TARGETS, onnx_sha256, parse_targets
+from pipeline.export.engines import EngineBuildError, build_engine, build_engines
 from pipeline.families import Family, ShapeRange
 
 

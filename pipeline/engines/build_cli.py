@@ -18,7 +18,7 @@ import torch
 
 from ..cache import ModelCache
 from ..export.engine_args import engine_summary
-from ..export.engines import parse_targets
+from ..export.engine_meta import parse_targets
 from ..families import ShapeRange, family_for
 from ..loading import resolve_model
 from ..options import parse_device, parse_dtype, parse_size

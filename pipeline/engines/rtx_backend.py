@@ -134,7 +134,8 @@ class EngineSet:
                 f"building engines needs TensorRT-RTX, which does not import here ({_IMPORT_ERROR}); "
                 "pip install tensorrt-rtx"
             )
-        from ..export.engines import build_engines, default_targets
+        from ..export.engine_meta import default_targets
+        from ..export.engines import build_engines
         from ..export.fp8 import choose_method
         from ..export.onnx_export import Fp8Export, export_model
 

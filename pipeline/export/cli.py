@@ -92,14 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         family = family_for(source)
         if args.engines:  # every engine option is checked before the export, not after it
             from .engine_args import shape_range_from_args
-            from .engines import parse_targets
+            from .engine_meta import parse_targets
 
             if args.targets:
                 parse_targets(args.targets)
             shape_range_from_args(args, family)
         fp8 = None
         if args.precision == "fp8":
-            from .engines import check_precision_targets, parse_targets
+            from .engine_meta import check_precision_targets, parse_targets
             from .fp8 import choose_method
 
             if args.targets:  # refuse sm86 & co before a long export

@@ -8,10 +8,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..cache import read_json_object
+from ..engines.rtx import trt
 from ..errors import InvalidInputError
 from ..families import Family, ShapeRange
 from ..options import parse_size
-from .engines import build_engines, default_targets, parse_targets, trt
+from .engine_meta import default_targets, parse_targets
+from .engines import build_engines
 
 
 def engine_dir_name(targets: Sequence[str]) -> str:
