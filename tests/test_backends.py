@@ -61,6 +61,17 @@ def test_the_torch_backend_runs_where_tensorrt_rtx_is_not_installed(tiny_sd: Pat
     assert done.returncode == 2, done.stderr[-2000:]
     assert "needs TensorRT-RTX" in done.stderr and "Traceback" not in done.stderr
     assert not list(tmp_path.rglob("*.onnx"))
+    # the export CLI's --engines likewise, before its export
+    out = tmp_path / "onnx"
+    export = (
+        "import sys; sys.modules['tensorrt_rtx'] = None\n"
+        "from pipeline.export.cli import main\n"
+        f"sys.exit(main([{str(tiny_sd)!r}, '--out', {str(out)!r}, '--engines', '--targets', 'sm89']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", export], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "needs TensorRT-RTX" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()  # nothing exported
 
 
 def test_first_use_engine_range_covers_the_default_size(tiny_flux: Path, tiny_sd: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import PipelineError
+from ..errors import BackendUnavailableError, PipelineError
 
 try:
     import tensorrt_rtx as trt
@@ -35,6 +35,7 @@ __all__ = [
     "TrtLogger",
     "check_validity",
     "invalidity_reasons",
+    "require_trt",
     "rtx_supported",
     "trt",
 ]
@@ -80,6 +81,15 @@ else:  # importable everywhere (the torch backend's machines import every rtx mo
 
 
 # ---- can it run here ----------------------------------------------------------------------------------------
+def require_trt(purpose: str = "building engines") -> None:
+    """One line, before any long work, where tensorrt_rtx does not import (an engine build needs it even on
+    a machine whose GPU it cannot run on)."""
+    if trt is None:
+        raise BackendUnavailableError(
+            f"{purpose} needs TensorRT-RTX, which does not import here ({_IMPORT_ERROR}); pip install tensorrt-rtx"
+        )
+
+
 def rtx_supported(device: torch.device | str | None = None) -> tuple[bool, str]:
     """(True, why) when tensorrt_rtx imports and `device` (default: the current CUDA device) is a GPU it runs
     on; else (False, why not)."""

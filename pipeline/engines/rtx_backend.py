@@ -30,12 +30,12 @@ from typing import Any
 import torch
 
 from ..cache import ModelCache, read_json_object, resolve_runtime_cache
-from ..errors import BackendUnavailableError, EnginesNotBuiltError, InvalidInputError
+from ..errors import EnginesNotBuiltError, InvalidInputError
 from ..families import Family, ShapeRange
 from ..options import dtype_name
 from .base import Backend, Precision, Specialization, parse_precision
 from .memory import GB, MemoryPlan, Residency, SharedDeviceMemory
-from .rtx import _IMPORT_ERROR, StaleEngineError, trt
+from .rtx import StaleEngineError, require_trt, trt
 from .rtx_cache import RuntimeCache
 from .rtx_engine import RtxEngine
 
@@ -129,11 +129,7 @@ class EngineSet:
         """Export (skipped while the ONNX manifest matches) and build (skipped while each engine's metadata
         matches) every stage, with progress bars; returns the engine paths. `refittable`: the stages a LoRA
         changes are built refittable (engines/rtx_refit.py; the build then needs a CUDA GPU)."""
-        if trt is None:  # before the export, which would take minutes for nothing
-            raise BackendUnavailableError(
-                f"building engines needs TensorRT-RTX, which does not import here ({_IMPORT_ERROR}); "
-                "pip install tensorrt-rtx"
-            )
+        require_trt()  # before the export, which would take minutes for nothing
         from ..export.engine_meta import default_targets
         from ..export.engines import build_engines
         from ..export.fp8 import choose_method

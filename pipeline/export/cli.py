@@ -91,7 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = resolve_model(args.model, cache_dir=args.cache_dir)
         family = family_for(source)
         if args.engines:  # every engine option is checked before the export, not after it
+            from ..engines.rtx import require_trt
             from .engine_args import shape_range_from_args
+
+            require_trt()
             from .engine_meta import parse_targets
 
             if args.targets:

@@ -24,7 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..cache import atomic_write_bytes, file_lock, read_json_object, sweep_temps
-from ..engines.rtx import TrtLogger, trt
+from ..engines.rtx import TrtLogger, require_trt, trt
 from ..errors import InvalidInputError, PipelineError
 from ..families import Family, ShapeRange, StageSpec
 from .engine_meta import (
@@ -237,6 +237,7 @@ def build_engines(
     line with its time and sizes. refittable: the stages a LoRA can change are built refittable
     (engines/rtx_refit.py).
     """
+    require_trt()
     names = list(stages) if stages is not None else list(family.stages)
     unknown = [s for s in names if s not in family.stages]
     if unknown:
