@@ -3,9 +3,13 @@ whose VAE rows came from a probe since replaced by scripts/vae_bench.py):
 
 - flux_quant: one FLUX double + single block in fp8 at 1024², compiled with Inductor's default reductions,
   `triton.multi_kernel`, or persistent reductions up to 16k columns; time per replay and top kernels;
-- plans: whether cuDNN attention / convolution plans built in one thread serve another.
+- plans: whether cuDNN attention / convolution plans built in one thread serve another;
+- attention_shapes: per attention shape of SD 1.5 and SDXL (self and cross, CFG batch 2), each SDPA backend's
+  first call at that shape (cuDNN builds its plan there) and its time per call in a CUDA graph
+  (PROBE_BACKENDS=cudnn,flash picks backends, PROBE_SD_SIZES=512,768 SD's sizes; run it with
+  TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 for torch's power-of-two plan buckets).
 
-    python scripts/kernel_probes.py [plans] [flux_quant]      (writes $OUT/exp.json)
+    python scripts/kernel_probes.py [plans] [flux_quant] [attention_shapes]      (writes $OUT/exp.json)
 """
 
 from __future__ import annotations
@@ -189,6 +193,95 @@ def plans() -> None:
     r["conv_main_again_96"] = t(conv, 96)
     RESULTS["plans_ms"] = r
     print(r, flush=True)
+
+
+def unet_attention_shapes(family: str, size: int) -> list[tuple[str, int, int, int, int]]:
+    """(name, query tokens, key tokens, heads, head dim) of a UNet's attention at size² (diffusers' configs)."""
+    h = size // 8
+    if family == "sd15":  # 8 heads; attention at latent/1, /2, /4 and the mid block's /8
+        levels = [(h * h, 8, 40), ((h // 2) ** 2, 8, 80), ((h // 4) ** 2, 8, 160), ((h // 8) ** 2, 8, 160)]
+    else:  # SDXL: 64-wide heads at latent/2 and /4
+        levels = [((h // 2) ** 2, 10, 64), ((h // 4) ** 2, 20, 64)]
+    shapes = []
+    for s, heads, d in levels:
+        shapes += [(f"self{s}", s, s, heads, d), (f"cross{s}", s, 77, heads, d)]
+    return shapes
+
+
+def attention_shapes() -> None:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+    chosen = os.environ.get("PROBE_BACKENDS")  # e.g. "cudnn"
+    if chosen:
+        backends = {k: v for k, v in backends.items() if k in chosen.split(",")}
+    sd_sizes = tuple(int(x) for x in os.environ.get("PROBE_SD_SIZES", "512,768").split(","))
+
+    fused = os.environ.get("PROBE_FUSED") == "1"  # self-attention's q, k, v as slices of one projection
+
+    def qkv(sq, sk, heads, d):
+        def split(n):  # diffusers' head split: (B, S, H*D) viewed (B, S, H, D), transposed
+            x = torch.randn(2, n, heads * d, device="cuda", dtype=torch.float16)
+            return x.view(2, n, heads, d).transpose(1, 2)
+
+        if fused and sq == sk:
+            x = torch.randn(2, sq, 3 * heads * d, device="cuda", dtype=torch.float16)
+            return tuple(t.view(2, sq, heads, d).transpose(1, 2) for t in x.split(heads * d, dim=-1))
+        return split(sq), split(sk), split(sk)
+
+    def graph_ms(fn, reps=50):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / reps
+
+    with torch.inference_mode():
+        for backend in backends.values():  # libraries' start-up out of the first shape's figure
+            q, k, v = qkv(64, 64, 8, 40)
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, v)
+        torch.cuda.synchronize()
+        rows = []
+        for family, sizes in (("sd15", sd_sizes), ("sdxl", (1024, 896))):
+            for size in sizes:
+                for shape, sq, sk, heads, d in unet_attention_shapes(family, size):
+                    q, k, v = qkv(sq, sk, heads, d)
+                    row = {"family": family, "size": size, "shape": shape, "heads": heads, "head_dim": d}
+                    for name, backend in backends.items():
+                        with sdpa_kernel(backend):
+                            try:
+                                torch.cuda.synchronize()
+                                t0 = time.perf_counter()
+                                F.scaled_dot_product_attention(q, k, v)
+                                torch.cuda.synchronize()
+                                row[f"{name}_first_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+                                row[f"{name}_ms"] = round(
+                                    graph_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)),
+                                    4,
+                                )
+                            except RuntimeError as e:
+                                row[f"{name}_error"] = str(e)[:120]
+                    rows.append(row)
+                    print(row, flush=True)
+    RESULTS["attention_shapes"] = rows
 
 
 if __name__ == "__main__":
