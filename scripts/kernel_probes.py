@@ -27,7 +27,8 @@ OUT = os.environ.get("OUT", "/tmp")
 RESULTS: dict = {}
 
 
-def timed_graph(fn, reps=20):
+def graph_ms(fn, reps=20):
+    """`fn` warmed up on a side stream, captured in a CUDA graph: (milliseconds per replay, the graph)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -45,7 +46,12 @@ def timed_graph(fn, reps=20):
         g.replay()
     b.record()
     torch.cuda.synchronize()
-    ms = a.elapsed_time(b) / reps
+    return a.elapsed_time(b) / reps, g
+
+
+def timed_graph(fn, reps=20):
+    """`graph_ms`, plus the replay's top kernels."""
+    ms, g = graph_ms(fn, reps)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -234,25 +240,6 @@ def attention_shapes() -> None:
             return tuple(t.view(2, sq, heads, d).transpose(1, 2) for t in x.split(heads * d, dim=-1))
         return split(sq), split(sk), split(sk)
 
-    def graph_ms(fn, reps=50):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        g.replay()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / reps
-
     with torch.inference_mode():
         for backend in backends.values():  # libraries' start-up out of the first shape's figure
             q, k, v = qkv(64, 64, 8, 40)
@@ -273,10 +260,10 @@ def attention_shapes() -> None:
                                 F.scaled_dot_product_attention(q, k, v)
                                 torch.cuda.synchronize()
                                 row[f"{name}_first_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
-                                row[f"{name}_ms"] = round(
-                                    graph_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)),
-                                    4,
+                                ms, _ = graph_ms(
+                                    lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), 50
                                 )
+                                row[f"{name}_ms"] = round(ms, 4)
                             except RuntimeError as e:
                                 row[f"{name}_error"] = str(e)[:120]
                     rows.append(row)
