@@ -18,7 +18,7 @@ import torch
 
 from pipeline.errors import InvalidInputError
 from pipeline.pipeline import Pipeline
-from pipeline.serve.config import ServeConfig
+from pipeline.serve.config import ServeConfig, parse_warm_sizes
 from pipeline.serve.launch import start_server
 from pipeline.serve.worker import Worker
 
@@ -71,15 +71,25 @@ def test_the_worker_warms_up_in_its_thread_before_any_request(tiny_sd: Path, tmp
         worker.stop()
 
 
-def test_a_server_with_warm_sizes_says_warming_then_ok(tiny_sd: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flags", "warmed"),
+    [
+        (["--warm-size", "32x32", "--warm-size", "48x32"], {"32x32", "48x32"}),
+        ([], {"64x64"}),  # the tiny model's native size (what a request without `size` gets)
+        (["--warm-size", "none"], set()),
+    ],
+    ids=["sizes", "native-by-default", "none"],
+)
+def test_a_server_warms_up_before_it_says_ok(
+    tiny_sd: Path, tmp_path: Path, flags: list[str], warmed: set[str]
+) -> None:
     args = ["--model", str(tiny_sd), "--device", "cpu", "--backend", "torch", "--cache-dir", str(tmp_path)]
-    server = start_server(
-        [*args, "--warm-size", "32x32", "--warm-size", "48x32"], log_path=tmp_path / "s.log"
-    )
+    server = start_server([*args, *flags], log_path=tmp_path / "s.log")
     try:
         health = server.health()
         assert health["status"] == "ok" and not health["warming"]
-        assert set(health["warm_up_s"]) == {"32x32", "48x32"}
+        assert set(health["warm_up_s"]) == warmed
+        assert health["batches"] == 0  # the warm-up is no request
     finally:
         server.stop()
 
@@ -110,6 +120,7 @@ def test_a_warming_server_answers_503(tiny_sd: Path, tmp_path: Path) -> None:
     [
         (["--warm-size", "512"], "must be WIDTHxHEIGHT"),
         (["--warm-size", "4096x512"], "--max-side"),
+        (["--warm-size", "none", "--warm-size", "32x32"], "cannot be combined"),
     ],
 )
 def test_bad_warm_sizes_exit_2_with_one_line(tiny_sd: Path, flags: list[str], message: str) -> None:
@@ -151,3 +162,6 @@ def test_a_warm_size_the_model_cannot_serve_stops_the_server_at_start(tiny_sd: P
 def test_serve_config_checks_warm_sizes() -> None:
     with pytest.raises(InvalidInputError, match="--max-side"):
         ServeConfig(model="m", warm_sizes=((0, 512),))
+    assert ServeConfig(model="m").warm_sizes is None  # the model's native size, resolved once it loads
+    assert parse_warm_sizes(None) is None and parse_warm_sizes(["None"]) == ()
+    assert parse_warm_sizes(["512x768", "64x64"]) == ((512, 768), (64, 64))

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 from ..cli import EXIT_USER_ERROR, _Parser, _setup_logging, add_engine_arguments, backend_options
 from ..errors import InvalidInputError, PipelineError
-from ..options import parse_size
-from .config import LoraSpec, ServeConfig
+from .config import LoraSpec, ServeConfig, parse_warm_sizes
 
 logger = logging.getLogger("pipeline.serve")
 
@@ -60,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--warm-size",
         action="append",
-        default=[],
         metavar="WxH",
-        help="serve this size once before the first request (repeatable): its first request runs at full speed",
+        help="serve this size once before the first request (repeatable): its first request runs at full speed "
+        "(default: the model's native size; 'none': no warm-up)",
     )
     r = p.add_argument_group("Ray Serve (pip install 'adaptive-diffusion[serve-ray]')")
     r.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment, one replica per GPU")
@@ -98,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         keep_images=args.keep_images,
         max_side=args.max_side,
         max_steps=args.max_steps,
-        warm_sizes=tuple(parse_size(text) for text in args.warm_size),
+        warm_sizes=parse_warm_sizes(args.warm_size),
     )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..options import parse_size
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,9 @@ class ServeConfig:
     max_side: int = 2048  # pixels per side a request may ask for
     max_steps: int = 200
     # (width, height) served once by the worker before the first request (Pipeline.warm_up): their first
-    # requests then run at full speed; /health says "warming" (503) until it is done
-    warm_sizes: tuple[tuple[int, int], ...] = ()
+    # requests then run at full speed; /health says "warming" (503) until it is done. None: the model's
+    # native size (what a request without `size` gets); (): none
+    warm_sizes: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_batch", "keep_images", "max_side", "max_steps"):
@@ -61,7 +64,7 @@ class ServeConfig:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.timeout <= 0 or self.batch_wait < 0:
             raise InvalidInputError("--timeout must be positive and --batch-wait not negative")
-        for width, height in self.warm_sizes:
+        for width, height in self.warm_sizes or ():
             if not 0 < width <= self.max_side or not 0 < height <= self.max_side:
                 raise InvalidInputError(
                     f"--warm-size {width}x{height}: each side must be between 1 and --max-side {self.max_side}"
@@ -69,3 +72,15 @@ class ServeConfig:
         names = [lora.name for lora in self.loras]
         if len(set(names)) != len(names):
             raise InvalidInputError(f"--lora names must be unique, got {', '.join(names)}")
+
+
+def parse_warm_sizes(values: Sequence[str] | None) -> tuple[tuple[int, int], ...] | None:
+    """`--warm-size` values (or Ray's `warm_sizes=WxH,WxH`): None, not given, is the model's native size;
+    'none' alone is no warm-up."""
+    if values is None:
+        return None
+    if any(v.strip().lower() == "none" for v in values):
+        if len(values) > 1:
+            raise InvalidInputError("--warm-size none cannot be combined with sizes")
+        return ()
+    return tuple(parse_size(text) for text in values)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidInputError
-from .config import LoraSpec, ServeConfig
+from .config import LoraSpec, ServeConfig, parse_warm_sizes
 
 logger = logging.getLogger("pipeline.serve")
 
@@ -115,7 +115,7 @@ def run_ray(config: ServeConfig, scaling: Scaling, *, host: str, port: int, addr
 def build(args: dict[str, str]) -> Any:
     """`serve run pipeline.serve.ray_app:build model=M [replicas=N | min_replicas=A max_replicas=B] [KEY=VALUE]`
     where KEY is a ServeConfig field (device, backend, dtype, max_batch, max_queue, timeout, ...) and
-    loras=NAME=PATH:SCALE,NAME=PATH."""
+    loras=NAME=PATH:SCALE,NAME=PATH, warm_sizes=WxH,WxH (or none)."""
     args = dict(args)
     scaling = Scaling.from_args(
         int(args.pop("replicas", 1)),
@@ -129,6 +129,8 @@ def build(args: dict[str, str]) -> Any:
     for name, text in args.items():
         if name == "loras":
             values["loras"] = tuple(LoraSpec.parse(item) for item in text.split(","))
+        elif name == "warm_sizes":
+            values["warm_sizes"] = parse_warm_sizes(text.split(","))
         elif name not in fields or name == "backend_options":
             raise InvalidInputError(f"unknown argument {name!r}; use ServeConfig's field names")
         else:

@@ -72,7 +72,10 @@ class ImageService:
         self.loras = {lora.name: lora.scale for lora in config.loras}
         image_dir = config.image_dir or cache_root(config.cache_dir) / "serve-images"
         self.store = ImageStore(Path(image_dir), config.keep_images)
-        for width, height in config.warm_sizes:  # refused at start, as a request of that size would be
+        warm_sizes = config.warm_sizes
+        if warm_sizes is None:  # the model's native size, at its default steps: what most requests ask for
+            warm_sizes = ((self.family.default_size, self.family.default_size),)
+        for width, height in warm_sizes:  # refused at start, as a request of that size would be
             check_request(self.family, height, width, self.family.default_steps, 1, "np")
         self.worker = Worker(
             pipe,
@@ -81,7 +84,7 @@ class ImageService:
             batch_wait=config.batch_wait,
             scheduler=self.scheduler,
             lora_names=tuple(self.loras),
-            warm_sizes=config.warm_sizes,
+            warm_sizes=warm_sizes,
         )
 
     @classmethod
