@@ -34,16 +34,24 @@ Generators = torch.Generator | list[torch.Generator] | None
 
 @dataclass
 class DenoiseState:
-    """The static buffers of one denoising run. Shapes are fixed for the run; values change per step."""
+    """The static buffers of one denoising run. Shapes are fixed for the run; values change per step.
 
-    history: torch.Tensor  # (K+1, *latent_shape) float32: x0 then each guided model output
-    in_coef: torch.Tensor  # (K, K+1) float32
-    out_coef: torch.Tensor  # (K+1,) float32
-    timesteps: torch.Tensor  # (K,) in the denoiser's timestep dtype
+    The schedule's buffers may hold more steps than the run takes (capacity C >= K, zero-padded): the padded
+    coefficients are zero and the padded history rows are never written, so the result is the same, and one
+    CUDA graph captured for C serves every step count up to C (`step_capacity`)."""
+
+    history: torch.Tensor  # (C+1, *latent_shape) float32: x0 then each guided model output
+    in_coef: torch.Tensor  # (C, C+1) float32
+    out_coef: torch.Tensor  # (C+1,) float32
+    timesteps: torch.Tensor  # (C,) in the denoiser's timestep dtype
     cond: Tensors  # static denoiser inputs (text embeddings, ids, guidance embedding input)
     guidance: torch.Tensor  # () float32: classifier-free guidance scale (used where the family guides)
     guidance_rescale: torch.Tensor  # () float32: diffusers' guidance_rescale (0: none)
     index: torch.Tensor  # () int64: the step being run
+    steps: int = 0  # K, the steps this run takes (0: all C)
+
+    def __post_init__(self) -> None:
+        self.steps = self.steps or int(self.in_coef.shape[0])
 
     @classmethod
     def create(
@@ -55,20 +63,31 @@ class DenoiseState:
         guidance_scale: float,
         dtype: torch.dtype,
         guidance_rescale: float = 0.0,
+        capacity: int | None = None,
     ) -> DenoiseState:
+        """The run's buffers, its schedule zero-padded to `capacity` steps (default: exactly its own)."""
         device = x0.device
         k = schedule.num_evaluations
-        history = torch.zeros((k + 1, *x0.shape), device=device, dtype=torch.float32)
+        c = max(k, capacity or k)
+        history = torch.zeros((c + 1, *x0.shape), device=device, dtype=torch.float32)
         history[0] = x0
+        in_coef = torch.zeros((c, c + 1), device=device, dtype=torch.float32)
+        in_coef[:k, : k + 1] = schedule.in_coef
+        out_coef = torch.zeros((c + 1,), device=device, dtype=torch.float32)
+        out_coef[: k + 1] = schedule.out_coef
+        values = family.timestep_values(schedule.timesteps, dtype).to(device)
+        timesteps = torch.zeros((c,), device=device, dtype=values.dtype)
+        timesteps[:k] = values
         return cls(
             history=history,
-            in_coef=schedule.in_coef.to(device=device, dtype=torch.float32),
-            out_coef=schedule.out_coef.to(device=device, dtype=torch.float32),
-            timesteps=family.timestep_values(schedule.timesteps, dtype).to(device),
+            in_coef=in_coef,
+            out_coef=out_coef,
+            timesteps=timesteps,
             cond=cond,
             guidance=torch.tensor(guidance_scale, device=device, dtype=torch.float32),
             guidance_rescale=torch.tensor(guidance_rescale, device=device, dtype=torch.float32),
             index=torch.zeros((), device=device, dtype=torch.int64),
+            steps=k,
         )
 
     def buffers(self) -> dict[str, torch.Tensor]:
@@ -95,18 +114,21 @@ class DenoiseState:
             guidance=self.guidance.clone(),
             guidance_rescale=self.guidance_rescale.clone(),
             index=torch.zeros_like(self.index),
+            steps=self.steps,
         )
 
     def load(self, other: DenoiseState) -> None:
-        """Copy `other`'s values into these buffers (same shapes) and reset the step index."""
+        """Copy `other`'s values into these buffers (same shapes) and its step count; reset the step index."""
         mine, theirs = self.buffers(), other.buffers()
         for name, tensor in mine.items():
             tensor.copy_(theirs[name])
         self.index.zero_()
+        self.steps = other.steps
 
     @property
     def num_steps(self) -> int:
-        return int(self.in_coef.shape[0])
+        """The steps this run takes (its buffers may hold more)."""
+        return self.steps
 
     def latents(self, coef: torch.Tensor) -> torch.Tensor:
         """coef . history, over the history axis."""
@@ -160,7 +182,8 @@ def denoise_with_tables(
     guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Final latents of a linear scheduler's run: its tables over static buffers, one step replayed K times."""
-    state = DenoiseState.create(family, schedule, x0, cond, guidance_scale, dtype, guidance_rescale)
+    capacity = backend.step_capacity(schedule.num_evaluations, x0.numel() * 4)  # float32 history rows
+    state = DenoiseState.create(family, schedule, x0, cond, guidance_scale, dtype, guidance_rescale, capacity)
     denoiser = backend.engines[family.denoiser]
     state = backend.denoise(state, lambda s: make_step(family, denoiser, s, dtype), on_step)
     return final_latents(state, dtype)
@@ -307,8 +330,23 @@ class CudaGraphCall:
 # ---- the step as one CUDA graph ---------------------------------------------------------------------------------
 def graph_key(state: DenoiseState) -> tuple[object, ...]:
     """Shapes and dtypes of every buffer the step reads or writes: one captured graph per key. Values
-    (noise, text embeddings, guidance scale, schedule) are copied into the graph's buffers per call."""
+    (noise, text embeddings, guidance scale, schedule, step count) are copied into the graph's buffers per call."""
     return tuple((name, tuple(t.shape), t.dtype) for name, t in state.buffers().items())
+
+
+GRAPH_STEPS = 64  # a graphed run's schedule buffers hold at least this many steps (step_capacity)
+
+
+def step_capacity(steps: int, row_bytes: int, budget_bytes: int) -> int:
+    """The schedule length a graphed run's buffers hold, so that one CUDA graph per size serves many step
+    counts: `GRAPH_STEPS` (every count from 1 to 64: 4, 20, 28, 30, 50...), doubled past it. The history
+    holds one latent of `row_bytes` per step, so where the padded history would pass `budget_bytes` the run
+    keeps its own length (a graph per step count, as before). The padded rows cost a step a dot product over
+    zeros: memory-bound, microseconds."""
+    capacity = GRAPH_STEPS
+    while capacity < steps:
+        capacity *= 2
+    return capacity if (capacity + 1) * row_bytes <= budget_bytes else steps
 
 
 @dataclass

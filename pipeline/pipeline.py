@@ -332,8 +332,8 @@ class Pipeline(LoraMethods):
         """Serve one throw-away call per (width, height) so that the first request at each runs at full speed.
 
         What a new size costs its first call is set-up made for that size alone and kept for the process:
-        compiled code for a shape class it has not met, the step's CUDA graph (per size and step count), and
-        cuDNN's plans per convolution and attention shape, 0.3-0.9 s for SD 1.5 at 768² on an H200 (README,
+        compiled code for a shape class it has not met, the step's CUDA graph (one per size serves 1-64
+        steps), and cuDNN's plans per convolution and attention shape, 0.3-0.9 s for SD 1.5 at 768² (README,
         "SD's new-size penalty"). cuDNN keeps its plans per thread: call this from the thread that will
         serve (the server's worker does, for `--warm-size`). Default: the model's default size and steps.
         Returns the seconds each size took, by "WxH"."""

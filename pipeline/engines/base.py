@@ -73,6 +73,12 @@ class Backend(ABC):
         """One line for logs and PNG metadata."""
         return self.name
 
+    def step_capacity(self, steps: int, row_bytes: int) -> int:
+        """How many steps a run's schedule buffers hold (denoise.DenoiseState; `row_bytes` per history row):
+        its own by default; a backend that captures the step in a CUDA graph pads them, so one graph serves
+        several step counts."""
+        return steps
+
     def denoise(
         self,
         state: DenoiseState,
