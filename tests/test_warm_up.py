@@ -165,3 +165,13 @@ def test_serve_config_checks_warm_sizes() -> None:
     assert ServeConfig(model="m").warm_sizes is None  # the model's native size, resolved once it loads
     assert parse_warm_sizes(None) is None and parse_warm_sizes(["None"]) == ()
     assert parse_warm_sizes(["512x768", "64x64"]) == ((512, 768), (64, 64))
+
+
+def test_ray_serve_build_reads_warm_sizes() -> None:
+    """`serve run pipeline.serve.ray_app:build warm_sizes=WxH,WxH`: parsed as --warm-size is, checked at once."""
+    from pipeline.serve import ray_app
+
+    with pytest.raises(InvalidInputError, match="cannot be combined"):
+        ray_app.build({"model": "m", "warm_sizes": "512x512,none"})
+    with pytest.raises(InvalidInputError, match="--max-side"):
+        ray_app.build({"model": "m", "warm_sizes": "512x512,4096x512"})
