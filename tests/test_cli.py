@@ -281,7 +281,15 @@ def test_ctrl_c_at_any_moment_prints_interrupted_and_exits_130(
 ) -> None:
     args = [sys.executable, "-m", "pipeline", "a fox", "--model", str(tiny_sd), "--steps", "400"]
     args += ["--height", "64", "--width", "64", "--device", "cpu", "--cache-dir", str(tmp_path / "c")]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT as a terminal delivers it, even where the test runner was started in the background (a shell
+    # without job control starts background jobs with SIGINT ignored, and the child would inherit that)
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     stderr = _Stderr(proc)
     if moment == "importing":
         time.sleep(0.3)
