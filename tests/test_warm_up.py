@@ -77,8 +77,9 @@ def test_the_worker_warms_up_in_its_thread_before_any_request(tiny_sd: Path, tmp
         (["--warm-size", "32x32", "--warm-size", "48x32"], {"32x32", "48x32"}),
         ([], {"64x64"}),  # the tiny model's native size (what a request without `size` gets)
         (["--warm-size", "none"], set()),
+        (["--max-side", "32"], set()),  # no request may ask for the native size: nothing to warm by default
     ],
-    ids=["sizes", "native-by-default", "none"],
+    ids=["sizes", "native-by-default", "none", "native-above-max-side"],
 )
 def test_a_server_warms_up_before_it_says_ok(
     tiny_sd: Path, tmp_path: Path, flags: list[str], warmed: set[str]

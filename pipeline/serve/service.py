@@ -74,7 +74,8 @@ class ImageService:
         self.store = ImageStore(Path(image_dir), config.keep_images)
         warm_sizes = config.warm_sizes
         if warm_sizes is None:  # the model's native size, at its default steps: what most requests ask for
-            warm_sizes = ((self.family.default_size, self.family.default_size),)
+            native = self.family.default_size
+            warm_sizes = ((native, native),) if native <= config.max_side else ()  # unless none may ask it
         for width, height in warm_sizes:  # refused at start, as a request of that size would be
             check_request(self.family, height, width, self.family.default_steps, 1, "np")
         self.worker = Worker(
