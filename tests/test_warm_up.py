@@ -6,6 +6,7 @@ says "warming" (503) until then, and bad sizes are refused up front."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -176,3 +177,34 @@ def test_ray_serve_build_reads_warm_sizes() -> None:
         ray_app.build({"model": "m", "warm_sizes": "512x512,none"})
     with pytest.raises(InvalidInputError, match="--max-side"):
         ray_app.build({"model": "m", "warm_sizes": "512x512,4096x512"})
+
+
+def test_serve_first_requests_script_times_two_server_starts(tiny_sd: Path, tmp_path: Path) -> None:
+    """scripts/serve_first_requests.py, as run on the GPU for docs/serve.md, here on the tiny model."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "serve_first_requests.py"
+    out = tmp_path / "first.json"
+    args = [
+        "--model",
+        str(tiny_sd),
+        "--sizes",
+        "64x64",
+        "32x32",
+        "--steps",
+        "2",
+        "--restart",
+        "--out",
+        str(out),
+    ]
+    run = subprocess.run(
+        [sys.executable, str(script), *args, "--", "--device", "cpu", "--backend", "torch"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert len(result["starts"]) == 2
+    for start in result["starts"]:
+        assert list(start["warm_up_s"]) == ["64x64"] and start["ready_s"] > 0
+        assert [(r["size"], r["status"]) for r in start["requests"]] == [("64x64", 200), ("32x32", 200)]
+        assert all(r["seconds"] > 0 for r in start["requests"])
