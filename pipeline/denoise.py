@@ -48,10 +48,7 @@ class DenoiseState:
     guidance: torch.Tensor  # () float32: classifier-free guidance scale (used where the family guides)
     guidance_rescale: torch.Tensor  # () float32: diffusers' guidance_rescale (0: none)
     index: torch.Tensor  # () int64: the step being run
-    steps: int = 0  # K, the steps this run takes (0: all C)
-
-    def __post_init__(self) -> None:
-        self.steps = self.steps or int(self.in_coef.shape[0])
+    steps: int  # K, the steps this run takes (<= C)
 
     @classmethod
     def create(
