@@ -334,8 +334,13 @@ class TorchBackend(Backend):
                 hook.enabled = True
 
     # ---- the denoising loop -----------------------------------------------------------------------------
+    @property
+    def _graphing(self) -> bool:
+        """Whether the loop runs in CUDA graphs now: the option on, and not inside `uncompiled()`."""
+        return self.options.cuda_graphs and not self._bypass
+
     def step_capacity(self, steps: int, row_bytes: int) -> int:
-        if not self.options.cuda_graphs or self._bypass:
+        if not self._graphing:
             return steps
         from ..denoise import step_capacity
 
@@ -349,7 +354,7 @@ class TorchBackend(Backend):
         make_step: Callable[[DenoiseState], Callable[[], None]],
         on_step: Callable[[], None],
     ) -> DenoiseState:
-        if not self.options.cuda_graphs or self._bypass:
+        if not self._graphing:
             return super().denoise(state, make_step, on_step)
         from ..denoise import StepGraph, graph_key
 
@@ -365,7 +370,7 @@ class TorchBackend(Backend):
 
     # ---- the loop of a scheduler's own step: its denoiser call in CUDA graphs (denoise.CudaGraphCall) ------
     def graphed(self, name: str, fn: Callable[[Tensors], Tensors]) -> Callable[[Tensors], Tensors]:
-        if not self.options.cuda_graphs or self._bypass:
+        if not self._graphing:
             return fn
         from ..denoise import CudaGraphCall
 
