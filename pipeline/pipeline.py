@@ -30,7 +30,7 @@ from .loading import ModelSource, resolve_model
 from .lora.methods import LoraMethods
 from .options import dtype_name, parse_device, parse_dtype
 from .requests import check_prompts, check_request, make_generators, one_dtype
-from .schedule import Schedule, plan_schedule
+from .schedule import Schedule, SchedulerSteps, plan_schedule
 from .schedulers import build_scheduler, check_scheduler
 
 if TYPE_CHECKING:
@@ -261,13 +261,7 @@ class Pipeline(LoraMethods):
 
             # 3. the loop (denoise.py): a linear scheduler as coefficient tables, the whole step graph-captured;
             #    any other takes its own step between graph-captured denoiser calls (schedule.py decides)
-            plan = plan_schedule(
-                self._scheduler,
-                steps,
-                device=self.device,
-                begin_index=family.schedule_begin_index,
-                **family.schedule_kwargs(height, width, steps),
-            )
+            plan = self.plan_schedule(height, width, steps)
             cond = family.denoiser_conditioning(text, height, width, batch, guidance, **options)
             rescale = float(options.get("guidance_rescale", 0.0))
             self._num_timesteps = plan.num_evaluations
@@ -327,35 +321,32 @@ class Pipeline(LoraMethods):
         return self._num_timesteps
 
     def warm_up(
-        self, sizes: Sequence[tuple[int, int]] | None = None, num_inference_steps: int | None = None
+        self,
+        sizes: Sequence[tuple[int, int]] | None = None,
+        num_inference_steps: int | None = None,
+        num_images_per_prompt: int = 1,
     ) -> dict[str, float]:
         """Serve one throw-away call per (width, height) so that the first request at each runs at full speed.
 
-        What a new size costs its first call is set-up made for that size alone and kept for the process:
-        compiled code for a shape class it has not met, the step's CUDA graph (one per size serves 1-64
-        steps), and cuDNN's plans per convolution and attention shape, 0.3-0.9 s for SD 1.5 at 768² (README,
-        "SD's new-size penalty"). cuDNN keeps its plans per thread: call this from the thread that will
-        serve (the server's worker does, for `--warm-size`). Default: the model's default size and steps.
-        Returns the seconds each size took, by "WxH"."""
-        progress, self.progress = self.progress, False
-        spent: dict[str, float] = {}
-        try:
-            for width, height in sizes or [(self.family.default_size, self.family.default_size)]:
-                start = time.perf_counter()
-                self(
-                    "",
-                    height=height,
-                    width=width,
-                    num_inference_steps=num_inference_steps,
-                    seed=0,
-                    output_type="np",
-                )
-                size = f"{width}x{height}"
-                spent[size] = round(time.perf_counter() - start, 3)
-                logger.info("warmed up %s in %.2f s", size, spent[size])
-        finally:
-            self.progress = progress
-        return spent
+        It pays what a new size costs its first call and keeps for the process: compiled code for a new
+        shape class, the step's CUDA graph (one per size serves 1-64 steps), cuDNN's plans (warming.py).
+        cuDNN keeps its plans per thread: call this from the thread that will serve (the server's worker
+        does). Default: the model's default size; each call runs the fewest steps that leave what a call at
+        the default steps needs (2, where one graph serves both). A batch of `num_images_per_prompt` images
+        is a shape of its own. Returns the seconds each size took, by "WxH"."""
+        from .warming import warm_up
+
+        return warm_up(self, sizes, num_inference_steps, num_images_per_prompt)
+
+    def plan_schedule(self, height: int, width: int, steps: int) -> Schedule | SchedulerSteps:
+        """One run of the pipeline's scheduler at this size (schedule.py): its tables, or its own steps."""
+        return plan_schedule(
+            self._scheduler,
+            steps,
+            device=self.device,
+            begin_index=self.family.schedule_begin_index,
+            **self.family.schedule_kwargs(height, width, steps),
+        )
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def _on_step(

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,93 @@ def test_serve_first_requests_script_times_two_server_starts(tiny_sd: Path, tmp_
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(out.read_text())
     assert len(result["starts"]) == 2
-    for start in result["starts"]:
-        assert list(start["warm_up_s"]) == ["64x64"] and start["ready_s"] > 0
+    # the second start warms what the first one served besides its native size, before the requests
+    for start, warmed in zip(result["starts"], (["64x64"], ["64x64", "32x32"]), strict=True):
+        assert list(start["warm_up_s"]) == warmed and start["ready_s"] > 0
         assert [(r["size"], r["status"]) for r in start["requests"]] == [("64x64", 200), ("32x32", 200)]
         assert all(r["seconds"] > 0 for r in start["requests"])
+
+
+def test_warm_up_runs_two_steps_where_one_graph_serves_the_default(tiny_sd: Path, tmp_path: Path) -> None:
+    """A graphed run's buffers hold 64 steps (denoise.step_capacity) whatever the count up to 64, so a 2-step
+    call leaves the graph a call at the default steps replays; where the padding does not fit (or no graph
+    is padded: the CPU) the default steps are warmed."""
+    from pipeline.denoise import step_capacity
+    from pipeline.warming import warm_up_steps
+
+    pipe = Pipeline.from_pretrained(tiny_sd, backend="torch", device="cpu", cache_dir=tmp_path)
+    default = pipe.family.default_steps
+    assert warm_up_steps(pipe, 32, 32) == default  # ungraphed: each count its own buffers
+    pipe.backend.step_capacity = lambda steps, row_bytes: step_capacity(
+        steps, row_bytes, 1 << 30
+    )  # as on CUDA
+    assert warm_up_steps(pipe, 32, 32) == 2
+    pipe.backend.step_capacity = lambda steps, row_bytes: step_capacity(steps, row_bytes, 4 * row_bytes)
+    assert warm_up_steps(pipe, 32, 32) == default  # too large to pad: a graph per step count
+
+
+def test_served_sizes_are_counted_merged_and_bounded(tmp_path: Path, caplog) -> None:
+    from pipeline.serve import sizes
+    from pipeline.serve.sizes import ServedSizes, Shape
+
+    path = tmp_path / "serve-sizes" / "m.json"
+    one, two = ServedSizes(path, flush_s=3600), ServedSizes(path, flush_s=3600)  # two replicas, one cache
+    for _ in range(3):
+        one.record(Shape(768, 768))
+    one.record(Shape(512, 512, 2))
+    two.record(Shape(512, 512, 2))
+    two.record(Shape(640, 640))
+    assert not path.exists()  # not due yet
+    one.flush()
+    two.flush()
+    reader = ServedSizes(path)
+    assert reader.most_served(2) == [Shape(768, 768), Shape(512, 512, 2)]
+    assert reader.most_served(5, {Shape(768, 768)}) == [Shape(512, 512, 2), Shape(640, 640)]
+    many = ServedSizes(path)
+    for i in range(sizes.KEEP + 10):
+        many.record(Shape(8 * (i + 1), 8))
+    many.flush()
+    assert len(json.loads(path.read_text())["shapes"]) == sizes.KEEP  # the most served are kept
+    assert ServedSizes(path).most_served(1) == [Shape(768, 768)]
+    path.write_text("{not json")
+    assert ServedSizes(path).most_served(3) == []  # unreadable: ignored, said once ...
+    assert "cannot be read" in caplog.text
+    again = ServedSizes(path)
+    again.record(Shape(64, 64))
+    again.flush()  # ... and replaced at the next save
+    assert ServedSizes(path).most_served(3) == [Shape(64, 64)]
+
+
+def test_a_restarted_server_warms_what_it_served_while_idle(tiny_sd: Path, tmp_path: Path) -> None:
+    """Start 1 serves 32x48 twice and 48x32 (2 images) once; start 2 warms those after its native size, once
+    /health says ok, and a request meanwhile is still served."""
+    args = ["--model", str(tiny_sd), "--device", "cpu", "--backend", "torch", "--cache-dir", str(tmp_path)]
+    server = start_server(args, log_path=tmp_path / "s1.log")
+    try:
+        for size, n in (("32x48", 1), ("32x48", 1), ("48x32", 2)):
+            body = {"prompt": "a cat", "size": size, "steps": 2, "n": n, "response_format": "b64_json"}
+            request = urllib.request.Request(
+                f"{server.url}/v1/images/generations",
+                json.dumps(body).encode(),
+                {"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=300) as response:
+                assert response.status == 200
+    finally:
+        server.stop()
+    files = list((tmp_path / "serve-sizes").glob("*.json"))
+    assert len(files) == 1  # saved when the server stopped
+    server = start_server([*args, "--warm-recent", "1"], log_path=tmp_path / "s2.log")
+    try:
+        deadline = time.monotonic() + 300
+        while (health := server.health())["warming_recent"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(health["warm_up_s"]) == {"64x64", "32x48"}  # native, then the most served (of 1)
+        assert health["batches"] == 0
+    finally:
+        server.stop()
+    server = start_server([*args, "--warm-recent", "0"], log_path=tmp_path / "s3.log")
+    try:
+        assert set(server.health()["warm_up_s"]) == {"64x64"} and server.health()["warming_recent"] == 0
+    finally:
+        server.stop()

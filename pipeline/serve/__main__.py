@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve this size once before the first request (repeatable): its first request runs at full speed "
         "(default: the model's native size; 'none': no warm-up)",
     )
+    s.add_argument(
+        "--warm-recent",
+        type=int,
+        default=d["warm_recent"].default,
+        metavar="N",
+        help="after a restart, warm up the N sizes this model's server served most, while no request waits "
+        "(default: %(default)s; 0: none)",
+    )
     r = p.add_argument_group("Ray Serve (pip install 'adaptive-diffusion[serve-ray]')")
     r.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment, one replica per GPU")
     r.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
@@ -98,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_side=args.max_side,
         max_steps=args.max_steps,
         warm_sizes=parse_warm_sizes(args.warm_size),
+        warm_recent=args.warm_recent,
     )
 
 

@@ -57,11 +57,15 @@ class ServeConfig:
     # requests then run at full speed; /health says "warming" (503) until it is done. None: the model's
     # native size (what a request without `size` gets); (): none
     warm_sizes: tuple[tuple[int, int], ...] | None = None
+    # the shapes most served before (sizes.py) warmed while no request waits, after `warm_sizes`; 0: none
+    warm_recent: int = 3
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_batch", "keep_images", "max_side", "max_steps"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.warm_recent < 0:
+            raise InvalidInputError("--warm-recent must not be negative")
         if self.timeout <= 0 or self.batch_wait < 0:
             raise InvalidInputError("--timeout must be positive and --batch-wait not negative")
         for width, height in self.warm_sizes or ():

@@ -26,6 +26,7 @@ from ..requests import check_request
 from .config import ServeConfig
 from .jobs import BatchKey, BatchResult, Job
 from .schemas import MAX_N, MAX_SEED, ImageRequest
+from .sizes import KEEP, ServedSizes, Shape
 from .store import ImageStore
 from .worker import Worker
 
@@ -57,7 +58,7 @@ def scheduler_choices(pipe: Any) -> tuple[str | None, list[str]]:
 
 class ImageService:
     def __init__(self, pipe: Any, config: ServeConfig, replica: str | None = None) -> None:
-        from ..cache import cache_root
+        from ..cache import cache_root, model_key
 
         self.pipe = pipe
         self.config = config
@@ -78,6 +79,8 @@ class ImageService:
             warm_sizes = ((native, native),) if native <= config.max_side else ()  # unless none may ask it
         for width, height in warm_sizes:  # refused at start, as a request of that size would be
             check_request(self.family, height, width, self.family.default_steps, 1, "np")
+        served = ServedSizes(cache_root(config.cache_dir) / "serve-sizes" / f"{model_key(pipe.source)}.json")
+        recent = self._servable(served.most_served(KEEP, {Shape(w, h) for w, h in warm_sizes}))
         self.worker = Worker(
             pipe,
             max_queue=config.max_queue,
@@ -86,7 +89,24 @@ class ImageService:
             scheduler=self.scheduler,
             lora_names=tuple(self.loras),
             warm_sizes=warm_sizes,
+            warm_recent=tuple(recent[: config.warm_recent]),
+            served=served,
         )
+
+    def _servable(self, shapes: list[Shape]) -> list[Shape]:
+        """The remembered shapes a request could still ask for (the limits or the model may have changed)."""
+        kept = []
+        for shape in shapes:
+            if max(shape.width, shape.height) > self.config.max_side or shape.images > self.config.max_batch:
+                continue
+            try:
+                check_request(
+                    self.family, shape.height, shape.width, self.family.default_steps, shape.images, "np"
+                )
+            except InvalidInputError:
+                continue
+            kept.append(shape)
+        return kept
 
     @classmethod
     def load(cls, config: ServeConfig, replica: str | None = None) -> ImageService:

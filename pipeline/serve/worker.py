@@ -10,6 +10,10 @@ with seed s + i gets.
 Every accepted job ends: with its images, or an error (timeout, cancelled, the pipeline's own error, the server
 stopping). A job whose client went away is removed from the queue; in a running batch its images are dropped,
 and a batch whose every job went away is abandoned at the next step.
+
+Before the first request the worker serves the `--warm-size` sizes once (Pipeline.warm_up, in this thread:
+cuDNN keeps its plans per thread). It counts the shapes it serves (sizes.py), and after a restart warms the
+most served of them while no request waits.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from ..errors import InvalidInputError, PipelineError
 from .jobs import BatchKey, BatchResult, Job, JobState, JobTimeoutError, QueueFullError, ServiceStoppedError
+from .sizes import ServedSizes, Shape
 
 logger = logging.getLogger("pipeline.serve")
 
@@ -78,10 +83,14 @@ class Worker:
         scheduler: str | None,
         lora_names: tuple[str, ...] = (),
         warm_sizes: tuple[tuple[int, int], ...] = (),
+        warm_recent: tuple[Shape, ...] = (),
+        served: ServedSizes | None = None,
     ) -> None:
         self.pipe = pipe
         self.warm_sizes = warm_sizes
         self.warming = bool(warm_sizes)  # until the worker thread has served them (requests queue meanwhile)
+        self._warm_recent = list(warm_recent)  # shapes served before a restart (sizes.py), warmed while idle
+        self.served = served if served is not None else ServedSizes(None)
         self.warm_up_s: dict[str, float] = {}
         self.max_queue = max_queue
         self.max_batch = max_batch
@@ -158,6 +167,7 @@ class Worker:
                 "max_queue": self.max_queue,
                 "max_batch": self.max_batch,
                 "warming": self.warming,
+                "warming_recent": len(self._warm_recent),
                 "warm_up_s": dict(self.warm_up_s),
             }
 
@@ -178,9 +188,13 @@ class Worker:
     def _loop(self) -> None:
         try:
             self._warm_up()
-            while (batch := self._next_batch()) is not None:
+            while True:
+                self._warm_recent_while_idle()
+                if (batch := self._next_batch()) is None:
+                    break
                 self._run_batch(batch)
         finally:  # whatever ends the thread, no accepted job is left waiting
+            self.served.flush()
             with self._cond:
                 self._stopping = True
                 for job in self._pending + self._running:
@@ -198,6 +212,27 @@ class Worker:
         finally:
             with self._cond:
                 self.warming = False
+
+    def _warm_recent_while_idle(self) -> None:
+        """Warm the shapes served before the restart, one per call, while no request waits (a failure is a
+        warning, and the rest are dropped: they would likely fail alike)."""
+        while self._warm_recent:
+            with self._cond:
+                if self._pending or self._stopping:
+                    return
+                shape = self._warm_recent[0]
+            try:
+                spent = self.pipe.warm_up([(shape.width, shape.height)], num_images_per_prompt=shape.images)
+            except Exception as e:
+                logger.warning(
+                    "warm-up of %s failed (%s: %s); not warming the rest", shape, type(e).__name__, e
+                )
+                spent = {}
+                self._warm_recent.clear()
+            with self._cond:
+                self.warm_up_s |= spent
+                if self._warm_recent:
+                    self._warm_recent.pop(0)
 
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
@@ -271,6 +306,7 @@ class Worker:
                 )
                 i += job.n
             self._finish(batch, results, start)
+            self.served.record(Shape(key.width, key.height, len(prompts)))
 
     def _finish(
         self, batch: list[Job], outcome: list[BatchResult] | BaseException | None, start: float
