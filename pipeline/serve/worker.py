@@ -221,18 +221,17 @@ class Worker:
                 if self._pending or self._stopping:
                     return
                 shape = self._warm_recent[0]
+            failed = False
             try:
                 spent = self.pipe.warm_up([(shape.width, shape.height)], num_images_per_prompt=shape.images)
             except Exception as e:
                 logger.warning(
                     "warm-up of %s failed (%s: %s); not warming the rest", shape, type(e).__name__, e
                 )
-                spent = {}
-                self._warm_recent.clear()
+                spent, failed = {}, True
             with self._cond:
                 self.warm_up_s |= spent
-                if self._warm_recent:
-                    self._warm_recent.pop(0)
+                del self._warm_recent[: len(self._warm_recent) if failed else 1]
 
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
