@@ -89,6 +89,7 @@ ALL_CONFIGS = (
     "graphs_conv1x1_mm",
     "graphs_nchw",
     "graphs_flash",
+    "graphs_cudnn",
     "fp8_torchao",
     "fp8_scaled_mm",
     "start",
@@ -100,6 +101,7 @@ OPT_IN_CONFIGS = (
     "graphs_conv1x1_mm",
     "graphs_nchw",
     "graphs_flash",
+    "graphs_cudnn",
     "fp8_torchao",
     "fp8_scaled_mm",
 )  # measured only when --configs names them
@@ -111,6 +113,7 @@ NEW_SIZE_CONFIGS = (  # --new-size measured
     "graphs_conv1x1_mm",
     "graphs_nchw",
     "graphs_flash",
+    "graphs_cudnn",
 )
 
 # ---- our other configurations (eager, measured with diffusers': bench_diffusers.py) ----------------------

@@ -48,6 +48,14 @@ def pair(pipe: Pipeline, size: tuple[int, int], steps: int | None) -> dict[str, 
     }
 
 
+def _option(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="sd15")
@@ -55,15 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm", type=parse_size, default=(768, 768), help="WIDTHxHEIGHT warmed up")
     p.add_argument("--other", type=parse_size, default=(640, 640), help="WIDTHxHEIGHT never met before")
     p.add_argument("--steps-other", type=int, default=30)
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a backend option (repeatable; JSON values, else strings): attention=cudnn, compile_resnets=off",
+    )
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("warm_up_check.py measures CUDA set-up: it needs a GPU")
-    pipe = Pipeline.from_pretrained(args.model, device="cuda")
+    options = dict(_option(text) for text in args.option)
+    pipe = Pipeline.from_pretrained(args.model, device="cuda", **options)
     pipe.progress = False
     report: dict[str, Any] = {
-        "model": args.model, "backend": pipe.backend.describe(), "gpu": torch.cuda.get_device_name(),
+        "model": args.model, "options": options, "backend": pipe.backend.describe(), "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__, "python": platform.python_version(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }  # fmt: skip

@@ -29,6 +29,7 @@ import torch
 
 from ..families import Family, StageSpec
 from ..families.base import Tensors
+from .attention_kernels import flash_cross_attention
 from .background_compile import BackgroundCompiler
 from .base import Backend, Precision, Specialization
 from .compile_cache import INDUCTOR_GROUP, ArtifactStore, load_store, save_store
@@ -90,6 +91,10 @@ class TorchBackend(Backend):
         self.options = TorchOptions.parse(device, options)
         super().__init__(family, device, dtype)
         self.attention = choose_attention(device, self.options.attention)
+        # "auto" on Hopper: cuDNN for self-attention, flash for cross-attention (attention_kernels.py)
+        self.flash_cross = self.options.attention == "auto" and self.attention == "cudnn"
+        if self.flash_cross:
+            self.attention = "cudnn+flash-cross"
         self.stats = TorchStats()
         from ..cache import ModelCache
 
@@ -148,6 +153,8 @@ class TorchBackend(Backend):
         denoiser = modules[denoiser_component]
         if not streamed:
             fuse_projections(denoiser)  # one GEMM for Q, K and V
+            if self.flash_cross:
+                flash_cross_attention(denoiser)
             if self.fp8_kernel is not None:
                 from .fp8 import quantize_linears
 

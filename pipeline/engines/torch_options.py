@@ -50,7 +50,8 @@ DEFAULT_COMPILE_VAE = False
 VAE_CHANNELS_LAST = True
 # Attention on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms against
 # flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
-# the since-removed scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere.
+# the since-removed scripts/gpu_check.py, 2026-11-23), with cross-attention on flash attention (no per-shape
+# plans: attention_kernels.py); torch's own choice elsewhere. "cudnn": cuDNN's for every attention.
 ATTENTION_CHOICES = ("auto", "cudnn", "flash", "default")
 # fp8 Linear kernels: torchao's Float8DynamicActivationFloat8WeightConfig (per-row scales) or our own
 # torch._scaled_mm module (fp8.py); see fp8.py for which is the default and why.
