@@ -89,7 +89,7 @@ ALL_CONFIGS = (
     "graphs_conv1x1_mm",
     "graphs_nchw",
     "graphs_flash",
-    "graphs_cudnn",
+    "graphs_cudnn_self",
     "fp8_torchao",
     "fp8_scaled_mm",
     "start",
@@ -101,7 +101,7 @@ OPT_IN_CONFIGS = (
     "graphs_conv1x1_mm",
     "graphs_nchw",
     "graphs_flash",
-    "graphs_cudnn",
+    "graphs_cudnn_self",
     "fp8_torchao",
     "fp8_scaled_mm",
 )  # measured only when --configs names them
@@ -113,7 +113,7 @@ NEW_SIZE_CONFIGS = (  # --new-size measured
     "graphs_conv1x1_mm",
     "graphs_nchw",
     "graphs_flash",
-    "graphs_cudnn",
+    "graphs_cudnn_self",
 )
 
 # ---- our other configurations (eager, measured with diffusers': bench_diffusers.py) ----------------------

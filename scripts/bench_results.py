@@ -112,12 +112,12 @@ OURS = {
     "graphs_flash": OursSpec(
         "ours, flash attention (not cuDNN's) + graphs", None, True, True, (("attention", "flash"),)
     ),
-    "graphs_cudnn": OursSpec(
-        "ours, cuDNN for every attention (cross-attention too) + graphs",
+    "graphs_cudnn_self": OursSpec(
+        "ours, cuDNN self-attention, flash cross-attention + graphs",
         None,
         True,
         True,
-        (("attention", "cudnn"),),
+        (("attention", "cudnn-self"),),
     ),
     "fp8_torchao": OursSpec(
         "ours, fp8 torchao + graphs", None, True, True, (("precision", "fp8"), ("fp8_kernel", "torchao"))

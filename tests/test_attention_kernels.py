@@ -82,3 +82,17 @@ def test_torch_compile_traces_the_kernel_choice() -> None:
         ops = _ops(lambda: compiled(hidden, encoder_hidden_states=text, return_dict=False))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert ops[FLASH] == 1  # the block's cross-attention; its self-attention is math, decomposed in the graph
+
+
+def test_the_option_is_checked_and_changes_nothing_on_the_cpu() -> None:
+    """`attention="cudnn-self"` is a torch-backend option; on the CPU (no cuDNN) attention is torch's own."""
+    import pytest
+
+    from pipeline.engines.torch_options import TorchOptions, choose_attention
+    from pipeline.errors import InvalidInputError
+
+    cpu = torch.device("cpu")
+    assert TorchOptions.parse(cpu, {"attention": "cudnn-self"}).attention == "cudnn-self"
+    assert choose_attention(cpu, "cudnn-self") == "default"
+    with pytest.raises(InvalidInputError, match="cudnn-self"):
+        TorchOptions.parse(cpu, {"attention": "cudnn-cross"})

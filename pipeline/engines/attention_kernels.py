@@ -1,4 +1,4 @@
-"""Cross-attention on flash attention where self-attention runs cuDNN's (the torch backend's "auto" on Hopper).
+"""Cross-attention on flash attention where self-attention runs cuDNN's (the torch backend's `attention="cudnn-self"`).
 
 cuDNN's fused attention is the fastest kernel on Hopper, but it builds a plan for every new attention shape,
 40-70 ms each, kept per thread for the process (README, "Attention plans, shape by shape"). A UNet meets a
@@ -6,7 +6,9 @@ new self- and a new cross-attention shape at each of its levels when it meets a 
 size, SDXL 4, a large part of the first call's penalty there. Cross-attention attends to the text's 77
 tokens, so it is cheap in any kernel: at SD 1.5 768² (H200) its calls took 0.024 / 0.014 / 0.010 ms with
 cuDNN against 0.036 / 0.017 / 0.011 ms with flash attention, a few milliseconds per 50-step call. Flash
-attention needs no per-shape plan, so cross-attention runs it and a new size builds half the plans.
+attention needs no per-shape plan, so cross-attention runs it and a new size builds half the plans. What that
+buys a new size on the GPU is not measured yet (the session that wrote it ran out of device time), so it is
+an option, not the default.
 
 The choice is made while a region is traced (`torch.nn.attention.sdpa_kernel`, which torch.compile follows),
 so it is baked into the compiled code, and the processor's class is part of the region's artifact key.

@@ -91,10 +91,7 @@ class TorchBackend(Backend):
         self.options = TorchOptions.parse(device, options)
         super().__init__(family, device, dtype)
         self.attention = choose_attention(device, self.options.attention)
-        # "auto" on Hopper: cuDNN for self-attention, flash for cross-attention (attention_kernels.py)
-        self.flash_cross = self.options.attention == "auto" and self.attention == "cudnn"
-        if self.flash_cross:
-            self.attention = "cudnn+flash-cross"
+        self.flash_cross = self.attention == "cudnn-self"  # cross-attention on flash (attention_kernels.py)
         self.stats = TorchStats()
         from ..cache import ModelCache
 

@@ -50,9 +50,10 @@ DEFAULT_COMPILE_VAE = False
 VAE_CHANNELS_LAST = True
 # Attention on CUDA. "auto": cuDNN's fused attention on Hopper and newer, where it measured 0.41 ms against
 # flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
-# the since-removed scripts/gpu_check.py, 2026-11-23), with cross-attention on flash attention (no per-shape
-# plans: attention_kernels.py); torch's own choice elsewhere. "cudnn": cuDNN's for every attention.
-ATTENTION_CHOICES = ("auto", "cudnn", "flash", "default")
+# the since-removed scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere. "cudnn-self": cuDNN for
+# self-attention, flash attention for cross-attention (no per-shape plans at a new size; attention_kernels.py),
+# not measured on a GPU yet, so not the default.
+ATTENTION_CHOICES = ("auto", "cudnn", "cudnn-self", "flash", "default")
 # fp8 Linear kernels: torchao's Float8DynamicActivationFloat8WeightConfig (per-row scales) or our own
 # torch._scaled_mm module (fp8.py); see fp8.py for which is the default and why.
 FP8_KERNELS = ("torchao", "scaled_mm")
@@ -95,10 +96,12 @@ def choose_attention(device: torch.device, choice: str) -> str:
         choice = "cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "default"
         if choice == "default":
             return choice
-    torch.backends.cuda.enable_cudnn_sdp(choice == "cudnn")
+    cudnn = choice in ("cudnn", "cudnn-self")
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
     torch.backends.cuda.enable_flash_sdp(choice == "flash")
     torch.backends.cuda.enable_mem_efficient_sdp(False)
-    logger.info("attention: %s fused attention", "cuDNN" if choice == "cudnn" else "flash")
+    described = {"cudnn": "cuDNN", "cudnn-self": "cuDNN (cross-attention: flash)", "flash": "flash"}
+    logger.info("attention: %s fused attention", described[choice])
     return choice
 
 
