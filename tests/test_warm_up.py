@@ -295,3 +295,11 @@ def test_a_restarted_server_warms_what_it_served_while_idle(tiny_sd: Path, tmp_p
         assert set(server.health()["warm_up_s"]) == {"64x64"} and server.health()["warming_recent"] == 0
     finally:
         server.stop()
+
+
+def test_ray_serve_build_reads_warm_recent() -> None:
+    """`warm_recent=N` reaches ServeConfig as an int, and a negative one is refused at once."""
+    from pipeline.serve import ray_app
+
+    with pytest.raises(InvalidInputError, match="--warm-recent"):
+        ray_app.build({"model": "m", "warm_recent": "-1"})
