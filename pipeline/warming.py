@@ -6,7 +6,8 @@ attention shape (0.3-0.9 s for SD 1.5 at 768²; README, "SD's new-size penalty")
 first two steps of a call: step 0 runs for real (plans, lazy set-up), step 1 is captured. The graph is built
 for a schedule length (`denoise.step_capacity`: 64 for every count from 1 to 64), so a 2-step warm-up leaves
 the graph a 28- or 50-step call replays, and the warm-up costs two steps instead of a whole call. Where the
-two lengths differ (more steps than 64, or latents too large to pad), the warm-up runs the default steps.
+two lengths differ (more steps than 64, latents too large to pad, or no graphs: each step count then has
+buffers of its own length), the warm-up runs the default steps.
 """
 
 from __future__ import annotations
