@@ -2,7 +2,7 @@
 
 What a new size costs its first call is set-up made for that size alone and kept for the process: compiled
 code for a shape class it has not met, the denoising step's CUDA graph, and cuDNN's plans per convolution and
-attention shape (0.3-0.9 s for SD 1.5 at 768²; README, "SD's new-size penalty"). All of it is made by the
+attention shape (0.3-0.9 s for SD 1.5 at 768²; docs/benchmarks.md, "SD's new-size penalty"). All of it is made by the
 first two steps of a call: step 0 runs for real (plans, lazy set-up), step 1 is captured. The graph is built
 for a schedule length (`denoise.step_capacity`: 64 for every count from 1 to 64), so a 2-step warm-up leaves
 the graph a 28- or 50-step call replays, and the warm-up costs two steps instead of a whole call. Where the

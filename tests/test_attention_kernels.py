@@ -1,6 +1,6 @@
 """Cross-attention on flash attention (attention_kernels.py; the torch backend's "auto" on Hopper).
 
-Whether it pays is measured on the GPU (README, "Attention plans, shape by shape"); here: every
+Whether it pays is measured on the GPU (docs/benchmarks.md, "Attention plans, shape by shape"); here: every
 cross-attention of a real diffusers UNet gets it and no self-attention does, the kernel it picks is flash
 attention (CPU has one too), the output is the same, and torch.compile traces the kernel choice into the graph."""
 

@@ -1,6 +1,6 @@
 """Warm-up: sizes served once before the first request (`Pipeline.warm_up`, the server's `--warm-size`).
 
-What it buys is measured on the GPU (README, "SD's new-size penalty"); here: it serves each size once and
+What it buys is measured on the GPU (docs/benchmarks.md, "SD's new-size penalty"); here: it serves each size once and
 leaves no trace in later images, the server's worker runs it in its own thread before any request, /health
 says "warming" (503) until then, and bad sizes are refused up front."""
 

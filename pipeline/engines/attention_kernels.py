@@ -1,7 +1,7 @@
 """Cross-attention on flash attention where self-attention runs cuDNN's (the torch backend's `attention="cudnn-self"`).
 
 cuDNN's fused attention is the fastest kernel on Hopper, but it builds a plan for every new attention shape,
-40-70 ms each, kept per thread for the process (README, "Attention plans, shape by shape"). A UNet meets a
+40-70 ms each, kept per thread for the process (docs/benchmarks.md, "Attention plans, shape by shape"). A UNet meets a
 new self- and a new cross-attention shape at each of its levels when it meets a new size: SD 1.5 8 plans per
 size, SDXL 4, a large part of the first call's penalty there. Cross-attention attends to the text's 77
 tokens, so it is cheap in any kernel: at SD 1.5 768² (H200) its calls took 0.024 / 0.014 / 0.010 ms with
