@@ -1,0 +1,240 @@
+"""Attention through NVIDIA's cuDNN frontend (the `nvidia-cudnn-frontend` package) against torch's own SDPA, on CUDA.
+
+torch 2.11's `scaled_dot_product_attention` refuses float8 inputs and builds a cuDNN plan per attention shape
+(40-70 ms each, docs/benchmarks.md, "Attention plans, shape by shape"). The cuDNN frontend's Python API offers what torch
+does not: fp8 attention (`sdpa_fp8`, per-tensor scales) and graphs with dynamic shapes sharing one kernel
+cache. This probe measures whether either is worth building on:
+
+- speed: FLUX.1-dev's joint attention (24 heads of 128, 4608 tokens at 1024², 1536 at 512²), bf16 through
+  torch's cuDNN SDPA, bf16 through the frontend's torch op (`torch.ops.cudnn.sdpa_fwd`), fp8 through an
+  `sdpa_fp8` graph; time per call in a CUDA graph, TFLOP/s, relative L2 error against float32 attention;
+- plans: SD 1.5's attention shapes at 768² after 512² (CFG batch 2), first-call time per shape through torch
+  and through frontend graphs, without and with dynamic shapes + a shared kernel cache;
+
+    python scripts/attention_probe.py [speed] [plans]      (writes $OUT/attention_probe.json)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from kernel_probes import graph_ms  # scripts/ is on the path when run as python scripts/attention_probe.py
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+OUT = os.environ.get("OUT", "/tmp")
+RESULTS: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.float() - ref).norm() / ref.norm())
+
+
+def reference(q, k, v) -> torch.Tensor:
+    """float32 attention, head by head (math kernel; no fused-kernel rounding)."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for h in range(q.shape[1]):
+        with sdpa_kernel([SDPBackend.MATH]):
+            out[:, h : h + 1] = F.scaled_dot_product_attention(
+                q[:, h : h + 1].float(), k[:, h : h + 1].float(), v[:, h : h + 1].float()
+            )
+    return out
+
+
+def fp8_graph(cudnn, handle, shape, scale: float):
+    """An sdpa_fp8 graph for BHSD fp8 q/k/v with per-tensor descales; O written in bf16."""
+    f8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    g = cudnn.pygraph(handle=handle, io_data_type=f8, intermediate_data_type=f32, compute_data_type=f32)
+    _, h, s, d = shape
+    stride = [h * s * d, s * d, d, 1]
+    q, k, v = (g.tensor(name=n, dim=list(shape), stride=stride, data_type=f8) for n in "qkv")
+    scalars = {
+        n: g.tensor(name=n, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
+        for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
+    }
+    o, _, amax_s, amax_o = g.sdpa_fp8(q=q, k=k, v=v, generate_stats=False, attn_scale=scale, **scalars)
+    o.set_output(True).set_dim(list(shape)).set_stride(stride).set_data_type(cudnn.data_type.BFLOAT16)
+    for t in (amax_s, amax_o):
+        t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    return g, (q, k, v, o, amax_s, amax_o), scalars
+
+
+def measure(fn, ref: torch.Tensor, flop: float) -> dict:
+    """`fn`'s time per call in a CUDA graph, its TFLOP/s and its error; or what failed (a probe goes on)."""
+    try:
+        out = fn()
+        torch.cuda.synchronize()
+        ms = graph_ms(fn)
+        return {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1), "rel_l2": rel_l2(out, ref)}
+    except Exception as exc:
+        return failure(exc)
+
+
+def failure(exc: Exception) -> dict:
+    return {"error": f"{type(exc).__name__}: {exc}"[:400], "trace": traceback.format_exc()[-1500:]}
+
+
+def fp8_runner(cudnn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """(a function running `sdpa_fp8` on q/k/v quantized per tensor, the graph's build seconds)."""
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    t0 = time.perf_counter()
+    g, (tq, tk, tv, to, tas, tao), scalars = fp8_graph(cudnn, handle, tuple(q.shape), scale)
+    build_s = round(time.perf_counter() - t0, 3)
+    ws = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device="cuda")
+    # per-tensor scales from each tensor's amax; P (in [0, 1]) scaled by 448, O written in bf16 unscaled
+    amax = {n: t.abs().amax().float() for n, t in zip("qkv", (q, k, v), strict=True)}
+    fp8 = {
+        n: (t.float() * (448 / amax[n])).to(torch.float8_e4m3fn)
+        for n, t in zip("qkv", (q, k, v), strict=True)
+    }
+    one = torch.ones((), device="cuda")
+    vals = {
+        "descale_q": amax["q"] / 448, "descale_k": amax["k"] / 448, "descale_v": amax["v"] / 448,
+        "descale_s": one / 448, "scale_s": one * 448, "scale_o": one,
+    }  # fmt: skip
+    o = torch.empty(q.shape, device="cuda", dtype=torch.bfloat16)
+    amax_s, amax_o = torch.empty(1, 1, 1, 1, device="cuda"), torch.empty(1, 1, 1, 1, device="cuda")
+    pack = {tq: fp8["q"], tk: fp8["k"], tv: fp8["v"], to: o, tas: amax_s, tao: amax_o}
+    pack.update({scalars[n]: vals[n].reshape(1, 1, 1, 1).contiguous() for n in scalars})
+
+    def run() -> torch.Tensor:
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+        g.execute(pack, ws, handle=handle)
+        return o
+
+    return run, build_s
+
+
+def speed() -> None:
+    import cudnn
+    import cudnn.sdpa.fwd.torch_op  # registers torch.ops.cudnn.sdpa_fwd
+
+    RESULTS["cudnn_frontend"] = getattr(cudnn, "__version__", "?")
+    RESULTS["cudnn_backend"] = cudnn.backend_version() if hasattr(cudnn, "backend_version") else "?"
+    rows = []
+    scale = 1 / math.sqrt(128)
+    for tokens in (4608, 1536):
+        torch.manual_seed(0)
+        shape = (1, 24, tokens, 128)
+        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        ref = reference(q, k, v)
+        flop = 4 * tokens * tokens * 128 * 24
+        row: dict = {"tokens": tokens, "tflop_per_call": flop / 1e12}
+        for name, backend in (
+            ("torch_cudnn_bf16", SDPBackend.CUDNN_ATTENTION),
+            ("torch_flash_bf16", SDPBackend.FLASH_ATTENTION),
+        ):
+            with sdpa_kernel([backend]):
+                row[name] = measure(partial(F.scaled_dot_product_attention, q, k, v), ref, flop)
+        row["frontend_bf16"] = measure(
+            lambda q=q, k=k, v=v: torch.ops.cudnn.sdpa_fwd(q, k, v, scale, return_lse=False)[0], ref, flop
+        )
+        try:
+            run, row["fp8_build_s"] = fp8_runner(cudnn, q, k, v, scale)
+            row["frontend_fp8"] = measure(run, ref, flop)
+        except Exception as exc:
+            row["frontend_fp8"] = failure(exc)
+        rows.append(row)
+    RESULTS["speed"] = rows
+
+
+def sd_shapes(size: int) -> list[tuple[int, int, int, int]]:
+    """SD 1.5's attention shapes at `size`² with CFG (batch 2): (batch, heads, query tokens, key tokens), head 64."""
+    shapes = []
+    for level, channels in enumerate((320, 640, 1280)):
+        tokens = (size // 8 // 2**level) ** 2
+        shapes += [(2, channels // 64, tokens, tokens), (2, channels // 64, tokens, 77)]
+    return shapes
+
+
+def first_call_ms(fn, *args) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(*args)
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t0) * 1e3, 2)
+
+
+def dynamic_sdpa(cudnn, handle, cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Build (with dynamic shapes, kernels from `cache`) and run one fp16 SDPA graph for these tensors."""
+    f16, f32 = cudnn.data_type.HALF, cudnn.data_type.FLOAT
+    g = cudnn.pygraph(
+        handle=handle, io_data_type=f16, intermediate_data_type=f32, compute_data_type=f32,
+        kernel_cache=cache, is_dynamic_shape_enabled=True,
+    )  # fmt: skip
+    tq, tk, tv = (
+        g.tensor(name=n, dim=list(t.shape), stride=list(t.stride()), data_type=f16)
+        for n, t in zip("qkv", (q, k, v), strict=True)
+    )
+    o, _ = g.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=False, attn_scale=0.125)
+    out = torch.empty_like(q)
+    o.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(f16)
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    ws = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device="cuda")
+    g.execute({tq: q, tk: k, tv: v, o: out}, ws, handle=handle)
+
+
+def plans() -> None:
+    import cudnn
+    import cudnn.sdpa.fwd.torch_op  # registers torch.ops.cudnn.sdpa_fwd
+
+    def tensors(b, h, sq, sk):
+        q = torch.randn(b, h, sq, 64, device="cuda", dtype=torch.float16)
+        kv = torch.randn(b, h, sk, 64, device="cuda", dtype=torch.float16)
+        return q, kv, kv.clone()
+
+    rows: dict = {"shapes": {size: sd_shapes(size) for size in (512, 768)}}
+    for size in (512, 768):
+        for shape in sd_shapes(size):
+            q, k, v = tensors(*shape)
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                rows.setdefault("torch_ms", []).append(first_call_ms(F.scaled_dot_product_attention, q, k, v))
+            rows.setdefault("frontend_op_ms", []).append(
+                first_call_ms(partial(torch.ops.cudnn.sdpa_fwd, return_lse=False), q, k, v, 0.125)
+            )
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    cache = cudnn.create_kernel_cache()  # one kernel cache shared by graphs of every shape
+    try:
+        for size in (512, 768):
+            for shape in sd_shapes(size):
+                q, k, v = tensors(*shape)
+                rows.setdefault("frontend_dynamic_ms", []).append(
+                    first_call_ms(dynamic_sdpa, cudnn, handle, cache, q, k, v)
+                )
+    except Exception as exc:
+        rows["frontend_dynamic"] = failure(exc)
+    RESULTS["plans"] = rows
+
+
+def main() -> None:
+    for name in sys.argv[1:] or ["speed", "plans"]:
+        try:
+            {"speed": speed, "plans": plans}[name]()
+        except Exception as exc:
+            RESULTS[name + "_error"] = f"{type(exc).__name__}: {exc}"[:400]
+            RESULTS[name + "_trace"] = traceback.format_exc()[-2000:]
+    with open(os.path.join(OUT, "attention_probe.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    print(json.dumps(RESULTS, indent=1, default=str)[-6000:])
+
+
+if __name__ == "__main__":
+    main()
