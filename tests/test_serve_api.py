@@ -24,8 +24,10 @@ from PIL import Image  # noqa: E402
 from serve_client import FAST, LONG, disconnect, health_is, hold_slot, post, tiny_sd_server, until  # noqa: E402
 
 from pipeline.errors import InvalidInputError  # noqa: E402
+from pipeline.serve.app import MAX_BODY_BYTES  # noqa: E402
 from pipeline.serve.config import LoraSpec  # noqa: E402
 from pipeline.serve.launch import ServerProcess  # noqa: E402
+from pipeline.serve.schemas import MAX_PROMPT_CHARS  # noqa: E402
 
 CLI_KEYS = {
     "prompt",
@@ -230,6 +232,8 @@ BAD = [
     ({"prompt": "x", "model": "dall-e-3"}, "model"),
     ({"prompt": "x", "step": 4}, "step"),
     ({"prompt": "x", "request_id": "../etc"}, "request_id"),
+    ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
+    ({"prompt": "x", "negative_prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "negative_prompt"),
 ]
 
 
@@ -250,6 +254,27 @@ def test_bad_requests_are_400_with_an_openai_error_before_any_work(server: Serve
         r = httpx.post(f"{server.url}/v1/images/generations", content=raw, headers=headers)
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
     assert httpx.get(f"{server.url}/health").json()["batches"] == before  # nothing reached the pipeline
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read_whole(server: ServerProcess) -> None:
+    """A hostile body is refused by its declared length, or, sent chunked without one, once it passes the
+    limit; the server goes on serving."""
+    huge = json.dumps({"prompt": "x" * (MAX_BODY_BYTES + 10)}).encode()
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: httpx sends it chunked
+        for start in range(0, len(huge), 65536):
+            yield huge[start : start + 65536]
+
+    for content in (huge, chunks()):
+        r = httpx.post(f"{server.url}/v1/images/generations", content=content, timeout=60)
+        assert r.status_code == 413, r.text
+        error = r.json()["error"]
+        assert error["code"] == "body_too_large" and str(MAX_BODY_BYTES) in error["message"]
+    ok = post(server, {"prompt": "x" * MAX_PROMPT_CHARS, **FAST, "response_format": "b64_json"})
+    assert ok.status_code == 200, (
+        ok.text
+    )  # a prompt at the limit is served (its tokens past the encoder's cut)
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
 
 # ---- the command line ---------------------------------------------------------------------------------

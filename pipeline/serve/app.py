@@ -9,8 +9,8 @@
     GET  /                         the web page
 
 Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a request the library
-refuses (checked here, before the job is queued), 429 + Retry-After when the queue is full, 504 past the
-timeout, 503 while stopping, 500 for a bug.
+refuses (checked here, before the job is queued), 413 for a body over MAX_BODY_BYTES (refused before it is
+parsed), 429 + Retry-After when the queue is full, 504 past the timeout, 503 while stopping, 500 for a bug.
 """
 
 from __future__ import annotations
@@ -28,17 +28,27 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import InvalidInputError, PipelineError
 from .jobs import BatchResult, Job, JobTimeoutError, QueueFullError, ServiceStoppedError
-from .schemas import ImageRequest, error_body
+from .schemas import MAX_PROMPT_CHARS, ImageRequest, error_body
 from .service import ImageService, RequestError
 
 logger = logging.getLogger("pipeline.serve")
 
 POLL = 0.1  # seconds between looks at a job's progress and at the client's connection
 FIND_WAIT = 5.0  # /v1/progress/{id} waits this long for a request that has not arrived yet
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+}
+# The largest request body: two prompts at MAX_PROMPT_CHARS, each character JSON-escaped (6 bytes), fit with
+# room to spare. FastAPI reads a body whole before validating it, so without a bound one request could take
+# the server's memory.
+MAX_BODY_BYTES = 1 << 20
 
 
 class ClientGoneError(Exception):
@@ -70,6 +80,44 @@ def job_error(e: BaseException) -> JSONResponse:
     return error_response(500, f"the pipeline failed: {type(e).__name__}: {e}", "server_error")
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 before the app reads it, whether its
+    Content-Length says so or a chunked body grows past it; smaller bodies are passed on unchanged."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        messages: list[Message] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break  # the client left: the app sees it
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is over {self.limit} bytes; a prompt may have at most {MAX_PROMPT_CHARS} characters"
+        await error_response(413, message, code="body_too_large")(scope, receive, send)
+
+
 def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -84,6 +132,7 @@ def create_app(service: ImageService) -> FastAPI:
         await asyncio.to_thread(service.close)
 
     app = FastAPI(title="adaptive-diffusion", version="1", lifespan=lifespan)
+    app.add_middleware(BodyLimit)
     page = resources.files("pipeline.serve").joinpath("page.html").read_text(encoding="utf-8")
 
     @app.exception_handler(RequestValidationError)

@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_N = 10  # as OpenAI's dall-e-2; the server's --max-batch may lower it
 MAX_SEED = 2**53  # seeds round-trip exactly through JavaScript numbers (the web page)
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# characters in a prompt (and in a negative prompt), as OpenAI's gpt-image-1. The text encoders read far less
+# (CLIP 77 tokens, T5 512), but every image records its prompt in its metadata, twice (the `prompt` chunk and
+# A1111's `parameters`): unbounded, a 5 MB prompt made each image a 10 MB file.
+MAX_PROMPT_CHARS = 32_000
 
 
 class ImageRequest(BaseModel):
@@ -23,7 +27,7 @@ class ImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     size: str | None = None
@@ -34,7 +38,7 @@ class ImageRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = None
     guidance_scale: float | None = Field(None, ge=0, le=100)
-    negative_prompt: str | None = None
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     scheduler: str | None = None
     lora: str | dict[str, float] | None = None
     stream: bool = False
