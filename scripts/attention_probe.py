@@ -8,7 +8,8 @@ cache. This probe measures whether either is worth building on:
 - speed: FLUX.1-dev's joint attention (24 heads of 128, 4608 tokens at 1024², 1536 at 512²), bf16 through
   torch's cuDNN SDPA, bf16 through the frontend's torch op (`torch.ops.cudnn.sdpa_fwd`), fp8 through an
   `sdpa_fp8` graph; time per call in a CUDA graph, TFLOP/s, relative L2 error against float32 attention;
-- plans: SD 1.5's attention shapes at 768² after 512² (CFG batch 2), first-call time per shape through torch
+- plans: SD 1.5's attention shapes at 768² after 512² (CFG batch 2; kernel_probes.unet_attention_shapes), first-call
+  time per shape through torch
   and through frontend graphs, without and with dynamic shapes + a shared kernel cache;
 
     python scripts/attention_probe.py [speed] [plans]      (writes $OUT/attention_probe.json)
@@ -26,7 +27,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from kernel_probes import graph_ms  # scripts/ is on the path when run as python scripts/attention_probe.py
+from kernel_probes import (  # scripts/ is on the path when run as python scripts/attention_probe.py
+    graph_ms,
+    unet_attention_shapes,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -151,15 +155,6 @@ def speed() -> None:
     RESULTS["speed"] = rows
 
 
-def sd_shapes(size: int) -> list[tuple[int, int, int, int]]:
-    """SD 1.5's attention shapes at `size`² with CFG (batch 2): (batch, heads, query tokens, key tokens), head 64."""
-    shapes = []
-    for level, channels in enumerate((320, 640, 1280)):
-        tokens = (size // 8 // 2**level) ** 2
-        shapes += [(2, channels // 64, tokens, tokens), (2, channels // 64, tokens, 77)]
-    return shapes
-
-
 def first_call_ms(fn, *args) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -179,7 +174,8 @@ def dynamic_sdpa(cudnn, handle, cache, q: torch.Tensor, k: torch.Tensor, v: torc
         g.tensor(name=n, dim=list(t.shape), stride=list(t.stride()), data_type=f16)
         for n, t in zip("qkv", (q, k, v), strict=True)
     )
-    o, _ = g.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=False, attn_scale=0.125)
+    scale = 1 / math.sqrt(q.shape[-1])
+    o, _ = g.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=False, attn_scale=scale)
     out = torch.empty_like(q)
     o.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(f16)
     g.validate()
@@ -195,26 +191,30 @@ def plans() -> None:
     import cudnn
     import cudnn.sdpa.fwd.torch_op  # registers torch.ops.cudnn.sdpa_fwd
 
-    def tensors(b, h, sq, sk):
-        q = torch.randn(b, h, sq, 64, device="cuda", dtype=torch.float16)
-        kv = torch.randn(b, h, sk, 64, device="cuda", dtype=torch.float16)
+    def tensors(sq: int, sk: int, heads: int, d: int) -> tuple[torch.Tensor, ...]:
+        q = torch.randn(2, heads, sq, d, device="cuda", dtype=torch.float16)  # batch 2: CFG
+        kv = torch.randn(2, heads, sk, d, device="cuda", dtype=torch.float16)
         return q, kv, kv.clone()
 
-    rows: dict = {"shapes": {size: sd_shapes(size) for size in (512, 768)}}
-    for size in (512, 768):
-        for shape in sd_shapes(size):
+    sizes = (512, 768)
+    shapes = {size: [shape[1:] for shape in unet_attention_shapes("sd15", size)] for size in sizes}
+    rows: dict = {"shapes (query tokens, key tokens, heads, head dim)": shapes}
+    for size in sizes:
+        for shape in shapes[size]:
             q, k, v = tensors(*shape)
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 rows.setdefault("torch_ms", []).append(first_call_ms(F.scaled_dot_product_attention, q, k, v))
             rows.setdefault("frontend_op_ms", []).append(
-                first_call_ms(partial(torch.ops.cudnn.sdpa_fwd, return_lse=False), q, k, v, 0.125)
+                first_call_ms(
+                    partial(torch.ops.cudnn.sdpa_fwd, return_lse=False), q, k, v, 1 / math.sqrt(shape[3])
+                )
             )
     handle = cudnn.create_handle()
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
     cache = cudnn.create_kernel_cache()  # one kernel cache shared by graphs of every shape
     try:
-        for size in (512, 768):
-            for shape in sd_shapes(size):
+        for size in sizes:
+            for shape in shapes[size]:
                 q, k, v = tensors(*shape)
                 rows.setdefault("frontend_dynamic_ms", []).append(
                     first_call_ms(dynamic_sdpa, cudnn, handle, cache, q, k, v)
@@ -229,8 +229,7 @@ def main() -> None:
         try:
             {"speed": speed, "plans": plans}[name]()
         except Exception as exc:
-            RESULTS[name + "_error"] = f"{type(exc).__name__}: {exc}"[:400]
-            RESULTS[name + "_trace"] = traceback.format_exc()[-2000:]
+            RESULTS[name + "_error"] = failure(exc)
     with open(os.path.join(OUT, "attention_probe.json"), "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)
     print(json.dumps(RESULTS, indent=1, default=str)[-6000:])
