@@ -6,8 +6,9 @@ does not: fp8 attention (`sdpa_fp8`, per-tensor scales) and graphs with dynamic 
 cache. This probe measures whether either is worth building on:
 
 - speed: FLUX.1-dev's joint attention (24 heads of 128, 4608 tokens at 1024², 1536 at 512²), bf16 through
-  torch's cuDNN SDPA, bf16 through the frontend's torch op (`torch.ops.cudnn.sdpa_fwd`), fp8 through an
-  `sdpa_fp8` graph; time per call in a CUDA graph, TFLOP/s, relative L2 error against float32 attention;
+  torch's cuDNN SDPA, bf16 through the frontend's torch op (`torch.ops.cudnn.sdpa_fwd`), fp8 through
+  pipeline/engines/fp8_attention.py's op (an `sdpa_fp8` graph), alone and with its quantization; time per
+  call in a CUDA graph, TFLOP/s, relative L2 error against float32 attention;
 - plans: SD 1.5's attention shapes at 768² after 512² (CFG batch 2; kernel_probes.unet_attention_shapes), first-call
   time per shape through torch
   and through frontend graphs, without and with dynamic shapes + a shared kernel cache;
@@ -52,35 +53,12 @@ def reference(q, k, v) -> torch.Tensor:
     return out
 
 
-def fp8_graph(cudnn, handle, shape, scale: float):
-    """An sdpa_fp8 graph for BHSD fp8 q/k/v with per-tensor descales; O written in bf16."""
-    f8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
-    g = cudnn.pygraph(handle=handle, io_data_type=f8, intermediate_data_type=f32, compute_data_type=f32)
-    _, h, s, d = shape
-    stride = [h * s * d, s * d, d, 1]
-    q, k, v = (g.tensor(name=n, dim=list(shape), stride=stride, data_type=f8) for n in "qkv")
-    scalars = {
-        n: g.tensor(name=n, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
-        for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
-    }
-    o, _, amax_s, amax_o = g.sdpa_fp8(q=q, k=k, v=v, generate_stats=False, attn_scale=scale, **scalars)
-    o.set_output(True).set_dim(list(shape)).set_stride(stride).set_data_type(cudnn.data_type.BFLOAT16)
-    for t in (amax_s, amax_o):
-        t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
-    g.validate()
-    g.build_operation_graph()
-    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    g.check_support()
-    g.build_plans()
-    return g, (q, k, v, o, amax_s, amax_o), scalars
-
-
 def measure(fn, ref: torch.Tensor, flop: float) -> dict:
     """`fn`'s time per call in a CUDA graph, its TFLOP/s and its error; or what failed (a probe goes on)."""
     try:
         out = fn()
         torch.cuda.synchronize()
-        ms = graph_ms(fn)
+        ms, _ = graph_ms(fn)
         return {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1), "rel_l2": rel_l2(out, ref)}
     except Exception as exc:
         return failure(exc)
@@ -90,36 +68,23 @@ def failure(exc: Exception) -> dict:
     return {"error": f"{type(exc).__name__}: {exc}"[:400], "trace": traceback.format_exc()[-1500:]}
 
 
-def fp8_runner(cudnn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """(a function running `sdpa_fp8` on q/k/v quantized per tensor, the graph's build seconds)."""
-    handle = cudnn.create_handle()
-    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+def fp8_runners(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """(the fp8 op alone on q/k/v quantized ahead, quantization + op as the FLUX processor runs them,
+    the graph's build seconds): pipeline/engines/fp8_attention.py's code."""
+    from pipeline.engines.fp8_attention import quantize_per_tensor
+
+    op = torch.ops.adaptive_diffusion.sdpa_fp8
+    (q8, dq), (k8, dk), (v8, dv) = (quantize_per_tensor(t) for t in (q, k, v))
     t0 = time.perf_counter()
-    g, (tq, tk, tv, to, tas, tao), scalars = fp8_graph(cudnn, handle, tuple(q.shape), scale)
+    op(q8, k8, v8, dq, dk, dv, scale, torch.bfloat16)  # builds the cuDNN graph
+    torch.cuda.synchronize()
     build_s = round(time.perf_counter() - t0, 3)
-    ws = torch.empty(max(g.get_workspace_size(), 1), dtype=torch.uint8, device="cuda")
-    # per-tensor scales from each tensor's amax; P (in [0, 1]) scaled by 448, O written in bf16 unscaled
-    amax = {n: t.abs().amax().float() for n, t in zip("qkv", (q, k, v), strict=True)}
-    fp8 = {
-        n: (t.float() * (448 / amax[n])).to(torch.float8_e4m3fn)
-        for n, t in zip("qkv", (q, k, v), strict=True)
-    }
-    one = torch.ones((), device="cuda")
-    vals = {
-        "descale_q": amax["q"] / 448, "descale_k": amax["k"] / 448, "descale_v": amax["v"] / 448,
-        "descale_s": one / 448, "scale_s": one * 448, "scale_o": one,
-    }  # fmt: skip
-    o = torch.empty(q.shape, device="cuda", dtype=torch.bfloat16)
-    amax_s, amax_o = torch.empty(1, 1, 1, 1, device="cuda"), torch.empty(1, 1, 1, 1, device="cuda")
-    pack = {tq: fp8["q"], tk: fp8["k"], tv: fp8["v"], to: o, tas: amax_s, tao: amax_o}
-    pack.update({scalars[n]: vals[n].reshape(1, 1, 1, 1).contiguous() for n in scalars})
 
-    def run() -> torch.Tensor:
-        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-        g.execute(pack, ws, handle=handle)
-        return o
+    def quantized() -> torch.Tensor:
+        (a, da), (b, db), (c, dc) = (quantize_per_tensor(t) for t in (q, k, v))
+        return op(a, b, c, da, db, dc, scale, torch.bfloat16)
 
-    return run, build_s
+    return partial(op, q8, k8, v8, dq, dk, dv, scale, torch.bfloat16), quantized, build_s
 
 
 def speed() -> None:
@@ -147,10 +112,11 @@ def speed() -> None:
             lambda q=q, k=k, v=v: torch.ops.cudnn.sdpa_fwd(q, k, v, scale, return_lse=False)[0], ref, flop
         )
         try:
-            run, row["fp8_build_s"] = fp8_runner(cudnn, q, k, v, scale)
-            row["frontend_fp8"] = measure(run, ref, flop)
+            alone, quantized, row["fp8_build_s"] = fp8_runners(q, k, v, scale)
+            row["fp8_op"] = measure(alone, ref, flop)
+            row["fp8_quantize_and_op"] = measure(quantized, ref, flop)
         except Exception as exc:
-            row["frontend_fp8"] = failure(exc)
+            row["fp8_op"] = failure(exc)
         rows.append(row)
     RESULTS["speed"] = rows
 

@@ -22,6 +22,7 @@ the same request (prompt, size, steps, guidance, seed) on the same weights:
   graphs_resnets      adaptive_graphs with the UNet's resnet blocks compiled as regions too; opt-in
   fp8_torchao         adaptive_graphs with fp8 Linear layers through torchao (per-row scales); opt-in
   fp8_scaled_mm       the same through our own torch._scaled_mm module; opt-in
+  fp8_attention       fp8_scaled_mm with FLUX's attention in fp8 too (cuDNN's sdpa_fp8); opt-in
   start               cold vs warm vs shipped start: the first image of a fresh process with an empty cache,
                       of a second fresh process reusing the cache the first one saved, and of a third with an
                       empty user folder and that cache shipped (caches/ + manifest, as prewarm.py ships it)
@@ -92,6 +93,7 @@ ALL_CONFIGS = (
     "graphs_cudnn_self",
     "fp8_torchao",
     "fp8_scaled_mm",
+    "fp8_attention",
     "start",
 )
 OPT_IN_CONFIGS = (
@@ -104,6 +106,7 @@ OPT_IN_CONFIGS = (
     "graphs_cudnn_self",
     "fp8_torchao",
     "fp8_scaled_mm",
+    "fp8_attention",
 )  # measured only when --configs names them
 NEW_SIZE_CONFIGS = (  # --new-size measured
     "adaptive",

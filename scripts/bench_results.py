@@ -129,6 +129,13 @@ OURS = {
         True,
         (("precision", "fp8"), ("fp8_kernel", "scaled_mm")),
     ),
+    "fp8_attention": OursSpec(
+        "ours, fp8 own _scaled_mm + fp8 attention (cuDNN) + graphs",
+        None,
+        True,
+        True,
+        (("precision", "fp8"), ("fp8_kernel", "scaled_mm"), ("attention", "fp8")),
+    ),
 }
 MEASURED_OURS = tuple(name for name in OURS if name != "eager")  # eager is measured with diffusers
 LABELS = {

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import InvalidInputError
 from ..families import Family, StageSpec
 from ..families.base import Tensors
 from .attention_kernels import flash_cross_attention
@@ -34,6 +35,7 @@ from .background_compile import BackgroundCompiler
 from .base import Backend, Precision, Specialization
 from .compile_cache import INDUCTOR_GROUP, ArtifactStore, load_store, save_store
 from .compile_warmup import CompilerWarmup
+from .fp8_attention import use_fp8_attention
 from .fusion import fuse_projections
 from .group_norm import widen_group_norms
 from .torch_compile import (
@@ -156,6 +158,8 @@ class TorchBackend(Backend):
                 from .fp8 import quantize_linears
 
                 quantize_linears(denoiser, kernel=self.fp8_kernel)
+        if self.attention == "fp8" and not use_fp8_attention(denoiser):
+            raise InvalidInputError(f"attention fp8 is FLUX's joint attention; {family.name} has none")
         if device.type == "cuda" and "vae" in modules:
             widen_group_norms(modules["vae"])  # its GroupNorms' statistics from split reductions
             if VAE_CHANNELS_LAST:

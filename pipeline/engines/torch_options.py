@@ -52,8 +52,9 @@ VAE_CHANNELS_LAST = True
 # flash attention's 0.78 ms at FLUX-dev 1024x1024's shape on an H100 (relative difference 3e-3;
 # the since-removed scripts/gpu_check.py, 2026-11-23); torch's own choice elsewhere. "cudnn-self": cuDNN for
 # self-attention, flash attention for cross-attention (no per-shape plans at a new size; attention_kernels.py),
-# not measured on a GPU yet, so not the default.
-ATTENTION_CHOICES = ("auto", "cudnn", "cudnn-self", "flash", "default")
+# not measured on a GPU yet, so not the default. "fp8": FLUX's joint attention in float8 through cuDNN's
+# sdpa_fp8 (fp8_attention.py; the nvidia-cudnn-frontend package on CUDA), everything else as "cudnn".
+ATTENTION_CHOICES = ("auto", "cudnn", "cudnn-self", "flash", "fp8", "default")
 # fp8 Linear kernels: torchao's Float8DynamicActivationFloat8WeightConfig (per-row scales) or our own
 # torch._scaled_mm module (fp8.py); see fp8.py for which is the default and why.
 FP8_KERNELS = ("torchao", "scaled_mm")
@@ -90,17 +91,21 @@ def inductor_options_for(
 
 def choose_attention(device: torch.device, choice: str) -> str:
     """Set torch's (process-wide) SDPA backend flags for `choice`; returns the backend in use."""
+    if device.type != "cuda" and choice == "fp8":
+        return choice  # fp8_attention.py's float32 reference
     if device.type != "cuda" or choice == "default":
         return "default"
     if choice == "auto":
         choice = "cudnn" if torch.cuda.get_device_capability(device) >= (9, 0) else "default"
         if choice == "default":
             return choice
-    cudnn = choice in ("cudnn", "cudnn-self")
+    cudnn = choice in ("cudnn", "cudnn-self", "fp8")
     torch.backends.cuda.enable_cudnn_sdp(cudnn)
     torch.backends.cuda.enable_flash_sdp(choice == "flash")
     torch.backends.cuda.enable_mem_efficient_sdp(False)
-    described = {"cudnn": "cuDNN", "cudnn-self": "cuDNN (cross-attention: flash)", "flash": "flash"}
+    described = {
+        "cudnn": "cuDNN", "cudnn-self": "cuDNN (cross-attention: flash)", "flash": "flash", "fp8": "cuDNN fp8",
+    }  # fmt: skip
     logger.info("attention: %s fused attention", described[choice])
     return choice
 
@@ -154,6 +159,12 @@ class TorchOptions:
             raise InvalidInputError(
                 f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}"
             )
+        if attention == "fp8":
+            from .fp8_attention import available
+
+            ok, why = available(device)
+            if not ok:
+                raise InvalidInputError(f"attention fp8 cannot run here: {why}")
         kernel = options.get("fp8_kernel")
         if kernel is not None and kernel not in FP8_KERNELS:
             raise InvalidInputError(f"fp8_kernel must be one of {', '.join(FP8_KERNELS)}, got {kernel!r}")
