@@ -48,6 +48,8 @@ def available(device: torch.device) -> tuple[bool, str]:
         import cudnn  # noqa: F401  (nvidia-cudnn-frontend)
     except ImportError:
         return False, "it needs NVIDIA's cuDNN frontend: pip install 'adaptive-diffusion[fp8-attention]'"
+    except Exception as exc:  # installed but broken (its libraries): say what failed
+        return False, f"NVIDIA's cuDNN frontend did not load: {type(exc).__name__}: {exc}"
     return True, ""
 
 
