@@ -28,14 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import BackendUnavailableError
+
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value; also the scale of softmax probabilities (in [0, 1]) in cuDNN
 
 
-class Fp8AttentionUnavailable(RuntimeError):
-    """fp8 attention cannot run here (no CUDA cuDNN frontend, or cuDNN refused the graph)."""
+class Fp8AttentionUnavailable(BackendUnavailableError):
+    """fp8 attention cannot run here (cuDNN refused the graph, or an attention mask came)."""
 
 
 def available(device: torch.device) -> tuple[bool, str]:
