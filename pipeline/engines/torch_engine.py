@@ -92,6 +92,8 @@ class TorchBackend(Backend):
     def __init__(self, family: Family, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
         self.options = TorchOptions.parse(device, options)
         super().__init__(family, device, dtype)
+        if self.options.attention == "fp8" and not family.fp8_attention:
+            raise InvalidInputError(f"attention fp8 is FLUX's joint attention; {family.name} has none")
         self.attention = choose_attention(device, self.options.attention)
         self.flash_cross = self.attention == "cudnn-self"  # cross-attention on flash (attention_kernels.py)
         self.stats = TorchStats()
@@ -158,8 +160,8 @@ class TorchBackend(Backend):
                 from .fp8 import quantize_linears
 
                 quantize_linears(denoiser, kernel=self.fp8_kernel)
-        if self.attention == "fp8" and not use_fp8_attention(denoiser):
-            raise InvalidInputError(f"attention fp8 is FLUX's joint attention; {family.name} has none")
+        if self.attention == "fp8":
+            use_fp8_attention(denoiser)
         if device.type == "cuda" and "vae" in modules:
             widen_group_norms(modules["vae"])  # its GroupNorms' statistics from split reductions
             if VAE_CHANNELS_LAST:

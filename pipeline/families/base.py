@@ -210,6 +210,9 @@ class Family(ABC):
     # torch fp8: the denoiser can be quantized and its Q/K/V fused block by block while it loads (its
     # attentions read fused layers by their `fused_projections` flag; UNets switch processor classes instead)
     fp8_while_loading: ClassVar[bool] = False
+    # the denoiser's attention is FLUX's joint attention (diffusers' FluxAttention): the torch backend's
+    # attention="fp8" runs it in float8 (fp8_attention.py)
+    fp8_attention: ClassVar[bool] = False
     # torch on CUDA: the denoiser in channels-last memory layout unless the user says otherwise (the torch
     # backend's `channels_last` option); set per family by measurement (torch_options.py)
     channels_last_on_cuda: ClassVar[bool] = False

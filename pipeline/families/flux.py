@@ -51,6 +51,7 @@ class FluxFamily(Family):
     max_text_tokens = 512  # T5's length in diffusers' FluxPipeline
     fp8_modules = ("transformer_blocks.*", "single_transformer_blocks.*")
     fp8_while_loading = True
+    fp8_attention = True
 
     @property
     def granularity(self) -> int:
