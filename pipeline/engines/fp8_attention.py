@@ -156,7 +156,7 @@ def _cudnn_sdpa_fp8(q, k, v, descale_q, descale_k, descale_v, scale, out_dtype):
                     graph, tensors = build_fp8_graph(handle, q, k, v, scale, out)
                 except Exception as exc:  # cuDNN's refusal names the unsupported part
                     raise Fp8AttentionUnavailable(
-                        f"cuDNN refused fp8 attention for {tuple(q.shape)}: {exc}"
+                        f"cuDNN refused fp8 attention for {tuple(q.shape)} ({exc}); use attention='cudnn'"
                     ) from exc
                 entry = _graphs[key] = (graph, tensors, graph.get_workspace_size())
                 logger.debug("cuDNN fp8 attention graph for %s built", tuple(q.shape))
