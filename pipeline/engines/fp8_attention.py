@@ -223,9 +223,11 @@ class Fp8JointAttention:
 
 def use_fp8_attention(denoiser: nn.Module) -> int:
     """Give each of FLUX's attention modules fp8 attention; returns how many (0 for a model without them)."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
     count = 0
     for module in denoiser.modules():
-        if type(module).__name__ == "FluxAttention" and not isinstance(module.processor, Fp8JointAttention):
+        if isinstance(module, FluxAttention) and not isinstance(module.processor, Fp8JointAttention):
             module.set_processor(Fp8JointAttention())
             count += 1
     logger.debug("fp8 attention in %d attention modules", count)
